@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make test` and `make demo`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+PYTEST_ARGS ?=
+
+NATIVE_SOURCES := $(wildcard csrc/*)
+
+.PHONY: test demo bench build venv clean
+
+venv: $(VENV)/.deps
+build: $(VENV)/.built
+
+# torch first (pinned), then the build tools the editable install needs without isolation.
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION) ninja
+	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib
+	touch $@
+
+# Builds the native extension from source (CPU kernel always, CUDA kernels where nvcc is found).
+$(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m sadam.study --quick
+
+bench: build
+	$(PY) -m pytest bench -q --benchmark-json=bench/results/local.json
+
+clean:
+	rm -rf build *.egg-info sadam/*.so .pytest_cache

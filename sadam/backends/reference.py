@@ -1,0 +1,159 @@
+"""The reference backend: the S-Adam contract written literally in plain torch ops.
+
+It is the ground truth every kernel is tested against, so it favours clarity over speed: one
+parameter at a time, fp32 math, sign vectors materialized per tensor. It runs on any device and
+never reads a device value back to the host.
+"""
+import torch
+
+from .. import _layout as L
+from .._hash import probe_bits, signs_from_bits
+from .step import GroupStep
+
+name = "torch"
+
+
+def available(device: torch.device):
+    return True, ""
+
+
+def _scalar(x, device):
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+def _effective_epoch(step: GroupStep, row: int) -> torch.Tensor:
+    """Epoch of this step's directions: a full window redraws them before the step's sample."""
+    k = step.probes
+    epoch = step.stats[row, L.epoch_col(k)]
+    if step.window > 0:
+        epoch = epoch + (step.stats[row, L.count_col(k)] >= step.window).float()
+    return epoch.to(torch.int64)
+
+
+def _gradient(step: GroupStep, i: int) -> torch.Tensor:
+    g = step.grads[i].float()
+    if step.maximize:
+        g = -g
+    if step.grad_scale is not None:
+        g = g / step.grad_scale.to(g.device)
+    return g
+
+
+def _skip(step: GroupStep, device):
+    """A 0-d bool that is True when GradScaler found an inf (the step must change nothing)."""
+    if step.found_inf is None:
+        return None
+    return step.found_inf.to(device) > 0
+
+
+def _keep_if(skip, old, new):
+    return new if skip is None else torch.where(skip, old, new)
+
+
+def _directional(step: GroupStep, i: int, g: torch.Tensor) -> torch.Tensor:
+    """d_i contributions of tensor i: (probes,) fp32, the signs dotted with the gradient."""
+    row = step.scope_rows[i]
+    bits = probe_bits(g.numel(), tensor_id=step.tensor_ids[i], seed=step.seed,
+                      epoch=_effective_epoch(step, row).to(g.device), offset=step.offsets[i],
+                      device=g.device)
+    signs = signs_from_bits(bits, step.probes)
+    return (signs * g.reshape(1, -1)).sum(dim=1)
+
+
+def directional_derivatives(step: GroupStep) -> torch.Tensor:
+    d = torch.zeros(step.stats.shape[0], step.probes, dtype=torch.float32, device=step.stats.device)
+    for i in range(len(step.params)):
+        d[step.scope_rows[i]] += _directional(step, i, _gradient(step, i)).to(d.device)
+    return d
+
+
+def update(step: GroupStep, *, damped: bool, emit_probe: bool):
+    d = None
+    if emit_probe:
+        d = torch.zeros(step.stats.shape[0], step.probes, dtype=torch.float32,
+                        device=step.stats.device)
+    k = step.probes
+    for i, p in enumerate(step.params):
+        dev = p.device
+        skip = _skip(step, dev)
+        g = _gradient(step, i)
+        if emit_probe:
+            d[step.scope_rows[i]] += _directional(step, i, g).to(d.device)
+
+        lr, b1, b2 = _scalar(step.lr, dev), _scalar(step.beta1, dev), _scalar(step.beta2, dev)
+        wd = _scalar(step.weight_decay, dev)
+        t = step.steps[i] + 1
+        m = b1 * step.exp_avgs[i].float() + (1 - b1) * g
+        v = b2 * step.exp_avg_sqs[i].float() + (1 - b2) * g * g
+        v_used = v
+        if step.amsgrad:
+            v_used = torch.maximum(step.max_exp_avg_sqs[i].float(), v)
+        gamma = torch.ones((), device=dev)
+        if damped:
+            rho = step.stats[step.scope_rows[i], L.rho_col(k)].to(dev)
+            gamma = torch.exp(-_scalar(step.damping, dev) * rho)
+        bias1 = 1 - b1 ** t
+        bias2 = 1 - b2 ** t
+        p32 = p.float() * (1 - lr * wd)
+        p32 = p32 - lr * gamma * (m / bias1) / (torch.sqrt(v_used / bias2) + step.eps)
+
+        p.copy_(_keep_if(skip, p, p32.to(p.dtype)))
+        step.exp_avgs[i].copy_(_keep_if(skip, step.exp_avgs[i], m.to(step.exp_avgs[i].dtype)))
+        step.exp_avg_sqs[i].copy_(_keep_if(skip, step.exp_avg_sqs[i],
+                                           v.to(step.exp_avg_sqs[i].dtype)))
+        if step.amsgrad:
+            vmax = step.max_exp_avg_sqs[i]
+            vmax.copy_(_keep_if(skip, vmax, v_used.to(vmax.dtype)))
+        step.steps[i].copy_(_keep_if(skip, step.steps[i], t))
+    return d
+
+
+def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
+    """EMA statistics of d, rho and the applied gamma for the rows this step touched."""
+    k = step.probes
+    stats = step.stats
+    dev = stats.device
+    rows = torch.tensor(step.rows_present, dtype=torch.long, device=dev)
+    old = stats[rows]
+    new = old.clone()
+    d = d[rows].to(dev)
+    beta = step.probe_beta
+    damping = _scalar(step.damping, dev)
+
+    a, b = old[:, :k], old[:, k:2 * k]
+    count = old[:, L.count_col(k)]
+    epoch = old[:, L.epoch_col(k)]
+    rho_old = old[:, L.rho_col(k)]
+
+    if lag == 1:  # the update that just ran applied the previous estimate
+        new[:, L.rho_applied_col(k)] = rho_old
+        new[:, L.gamma_applied_col(k)] = torch.exp(-damping * rho_old)
+
+    reset = (count >= step.window) if step.window > 0 else torch.zeros_like(count, dtype=torch.bool)
+    a = torch.where(reset.unsqueeze(1), 0.0, a)
+    b = torch.where(reset.unsqueeze(1), 0.0, b)
+    count = torch.where(reset, 0.0, count) + 1
+    epoch = epoch + reset.float()
+    a = beta * a + (1 - beta) * d
+    b = beta * b + (1 - beta) * d * d
+    correction = 1 - torch.pow(torch.tensor(beta, device=dev), count)
+    mean = a / correction.unsqueeze(1)
+    second = b / correction.unsqueeze(1)
+    estimate = (torch.clamp(second - mean * mean, min=0.0) / torch.clamp(second, min=1e-30)).mean(1)
+    rho = torch.where(count >= 2, estimate, rho_old)
+
+    # A row whose d is not finite (a NaN/Inf gradient) keeps its statistics: one bad step must
+    # not poison the damping of every later step.
+    finite = torch.isfinite(d).all(dim=1, keepdim=True)
+    new[:, :k] = torch.where(finite, a, old[:, :k])
+    new[:, k:2 * k] = torch.where(finite, b, old[:, k:2 * k])
+    finite = finite.squeeze(1)
+    new[:, L.count_col(k)] = torch.where(finite, count, old[:, L.count_col(k)])
+    new[:, L.epoch_col(k)] = torch.where(finite, epoch, old[:, L.epoch_col(k)])
+    new[:, L.rho_col(k)] = torch.where(finite, rho, rho_old)
+    if lag == 0:
+        new[:, L.rho_applied_col(k)] = new[:, L.rho_col(k)]
+        new[:, L.gamma_applied_col(k)] = torch.exp(-damping * new[:, L.rho_col(k)])
+
+    skip = _skip(step, dev)
+    stats[rows] = _keep_if(skip, old, new)

@@ -1,0 +1,246 @@
+"""``SAdam``: the torch.optim front-end (arguments, validation, state, backend dispatch)."""
+import copy
+from collections import defaultdict
+
+import torch
+from torch.optim import Optimizer
+
+from . import _layout as L
+from ._validation import (validate_grad, validate_group, validate_loss_groups, validate_param)
+from .functional import sadam
+from .loss_probe import LossProbe
+
+
+class SAdam(Optimizer):
+    r"""Singularity-aware Adam: AdamW whose step is damped by ``exp(-damping * rho)``.
+
+    ``rho`` (the Local Geometric Instability, in [0, 1]) is the normalized variance of random
+    directional derivatives: near 0 on a smooth, consistent descent, near 1 when the gradient
+    chatters across a kink or is dominated by noise. With ``damping=0`` (or ``probe="off"``) the
+    update is exactly :class:`torch.optim.AdamW`.
+
+    Args:
+        params: iterable of parameters or dicts defining param groups.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as in :class:`torch.optim.AdamW`
+            (``lr``, ``betas``, ``weight_decay`` and ``damping`` may be 0-d tensors).
+        damping: lambda of the damping factor ``gamma = exp(-damping * rho)``.
+        probes: number k of random sign directions (1..32).
+        probe: ``"gradient"`` (directional derivatives of the gradient, fused, no extra passes),
+            ``"loss"`` (finite differences of the loss through the closure) or ``"off"``.
+        probe_beta: EMA factor of the probe statistics.
+        scope: ``"group"`` (one rho per param group) or ``"tensor"`` (one per parameter).
+        probe_lag: 1 = the update of step t uses the statistics up to t-1 (one fused pass);
+            0 = probe first, then update with this step's rho.
+        probe_window: redraw the directions and reset the statistics every that many steps.
+        probe_delta, probe_every, probe_estimator: loss probe settings (radius, cadence,
+            ``"symmetric"`` central differences or the ``"directions"`` estimator).
+        state_dtype: dtype of the moments (float32, or bfloat16 to halve their memory).
+        seed: seed of the probe directions.
+        backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
+        capturable: accepted for AdamW compatibility; every step is device-resident already.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 damping=1.0, probes=8, probe="gradient", probe_beta=0.9, scope="group",
+                 probe_lag=1, probe_window=None, probe_delta=1e-2, probe_every=1,
+                 probe_estimator="symmetric", state_dtype=torch.float32, seed=0, amsgrad=False,
+                 maximize=False, backend="auto", capturable=False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, damping=damping,
+                        probes=probes, probe=probe, probe_beta=probe_beta, scope=scope,
+                        probe_lag=probe_lag, probe_window=probe_window, probe_delta=probe_delta,
+                        probe_every=probe_every, probe_estimator=probe_estimator,
+                        state_dtype=state_dtype, seed=seed, amsgrad=amsgrad, maximize=maximize,
+                        backend=backend, capturable=capturable)
+        validate_group(dict(defaults, params=[]))
+        super().__init__(params, defaults)
+        self._loss_probe = LossProbe(self)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            validate_group(group)
+            validate_loss_groups(self.param_groups)
+            for i, p in enumerate(group["params"]):
+                validate_param(p, f"param {i} of group {len(self.param_groups) - 1}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    # ----------------------------------------------------------------------------------- state
+    def _group_stats(self, group) -> torch.Tensor:
+        """The group's probe statistics, kept in the state of its first parameter."""
+        anchor = group["params"][0]
+        k = group["probes"]
+        scopes = 1 if group["scope"] == "group" else len(group["params"])
+        stats = self.state[anchor].get("probe_stats")
+        if stats is None or stats.shape != (scopes, L.row_width(k)):
+            stats = L.new_stats(scopes, k, anchor.device)
+            self.state[anchor]["probe_stats"] = stats
+        return stats
+
+    def _init_param_state(self, p, group):
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=group["state_dtype"],
+                                                memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=group["state_dtype"],
+                                                   memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=group["state_dtype"],
+                                                       memory_format=torch.preserve_format)
+        return state
+
+    def _check_grads(self):
+        """Reject bad gradients before anything is modified."""
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    validate_grad(p, f"param {j} of group {gi}")
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self, closure=None):
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss. Required with
+                ``probe="loss"``; it may take a keyword ``backward`` (see the README).
+        """
+        loss_groups = [g for g in self.param_groups if g["probe"] == "loss"]
+        if loss_groups and closure is None:
+            raise RuntimeError("SAdam with probe='loss' needs a closure: call "
+                               "optimizer.step(closure) with a closure that returns the loss")
+        rng_before = self._loss_probe.capture_rng() if loss_groups else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_grads()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        with torch.no_grad():
+            if loss_groups:
+                self._loss_probe.run(loss_groups, closure, loss, rng_before, found_inf)
+            for group in self.param_groups:
+                self._step_group(group, grad_scale, found_inf)
+        return loss
+
+    def _step_group(self, group, grad_scale, found_inf):
+        lists = defaultdict(list)
+        for j, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            state = self._init_param_state(p, group)
+            lists["params"].append(p)
+            lists["grads"].append(p.grad)
+            lists["exp_avgs"].append(state["exp_avg"])
+            lists["exp_avg_sqs"].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                lists["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+            lists["state_steps"].append(state["step"])
+            lists["scope_rows"].append(0 if group["scope"] == "group" else j)
+            lists["tensor_ids"].append(j)
+        if not lists["params"]:
+            return
+        beta1, beta2 = group["betas"]
+        sadam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
+              lists["max_exp_avg_sqs"], lists["state_steps"], self._group_stats(group),
+              scope_rows=lists["scope_rows"], tensor_ids=lists["tensor_ids"], lr=group["lr"],
+              beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+              damping=group["damping"], amsgrad=group["amsgrad"], maximize=group["maximize"],
+              probe=group["probe"], probes=group["probes"], probe_beta=group["probe_beta"],
+              probe_lag=group["probe_lag"], probe_window=group["probe_window"],
+              seed=group["seed"], grad_scale=grad_scale, found_inf=found_inf,
+              backend=group["backend"])
+
+    # ------------------------------------------------------------------------------- reporting
+    def _applied(self, column_of):
+        out = []
+        for group in self.param_groups:
+            k = group["probes"]
+            stats = self.state.get(group["params"][0], {}).get("probe_stats")
+            if stats is None:
+                scopes = 1 if group["scope"] == "group" else len(group["params"])
+                stats = L.new_stats(scopes, k, group["params"][0].device)
+            values = stats[:, column_of(k)].clone()
+            out.append(values[0] if group["scope"] == "group" else values)
+        return out
+
+    def lgi(self):
+        """The rho (Local Geometric Instability) the last step used, one entry per param group:
+        a 0-d tensor for ``scope="group"``, one value per parameter for ``scope="tensor"``."""
+        return self._applied(L.rho_applied_col)
+
+    def damping_factors(self):
+        """The gamma = exp(-damping * rho) the last step applied, shaped like :meth:`lgi`."""
+        return self._applied(L.gamma_applied_col)
+
+    # ------------------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict):
+        """Load a state from :meth:`state_dict`. Everything is checked before anything changes;
+        tensors keep their saved dtypes (fp32 moments stay fp32 beside bf16 parameters)."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
+                             f"{len(self.param_groups)}")
+        id_map = {}
+        new_groups = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"param group {gi} of the state_dict has {len(saved['params'])} "
+                                 f"parameters, the optimizer's {len(group['params'])}")
+            new_group = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+            for key, value in self.defaults.items():
+                new_group.setdefault(key, value)
+            new_group["params"] = group["params"]
+            validate_group(new_group)
+            new_groups.append(new_group)
+            id_map.update(zip(saved["params"], group["params"]))
+
+        new_state = defaultdict(dict)
+        for key, values in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"state_dict has state for parameter {key!r}, which no param "
+                                 "group lists")
+            p = id_map[key]
+            self._check_saved_state(p, values, key)
+            new_state[p] = {name: (v.detach().to(p.device, copy=True)
+                                   if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                            for name, v in values.items()}
+        for gi, group in enumerate(new_groups):
+            stats = new_state.get(group["params"][0], {}).get("probe_stats")
+            scopes = 1 if group["scope"] == "group" else len(group["params"])
+            if stats is not None and stats.shape != (scopes, L.row_width(group["probes"])):
+                raise ValueError(f"probe_stats of param group {gi} has shape {tuple(stats.shape)}, "
+                                 f"expected {(scopes, L.row_width(group['probes']))} for "
+                                 f"scope={group['scope']!r}, probes={group['probes']}")
+            if stats is not None and not torch.isfinite(stats).all():
+                raise ValueError(f"probe_stats of param group {gi} holds non-finite values")
+
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    @staticmethod
+    def _check_saved_state(p, values, key):
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            v = values.get(name)
+            if v is not None and tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"state {name!r} of parameter {key!r} has shape "
+                                 f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
+        step = values.get("step")
+        if step is not None and (not isinstance(step, torch.Tensor) or step.numel() != 1):
+            raise ValueError(f"state 'step' of parameter {key!r} must be a one-element tensor")

@@ -1,0 +1,1 @@
+"""Triton kernels of S-Adam, installed as ``sadam.triton_kernels``."""
