@@ -21,6 +21,10 @@ def _scalar(x, device):
     return torch.as_tensor(x, dtype=torch.float32, device=device)
 
 
+def _scalar64(x, device):
+    return torch.as_tensor(x, dtype=torch.float64, device=device)
+
+
 def _effective_epoch(step: GroupStep, row: int) -> torch.Tensor:
     """Epoch of this step's directions: a full window redraws them before the step's sample."""
     k = step.probes
@@ -80,22 +84,25 @@ def update(step: GroupStep, *, damped: bool, emit_probe: bool):
         if emit_probe:
             d[step.scope_rows[i]] += _directional(step, i, g).to(d.device)
 
-        lr, b1, b2 = _scalar(step.lr, dev), _scalar(step.beta1, dev), _scalar(step.beta2, dev)
-        wd = _scalar(step.weight_decay, dev)
+        # Scalar coefficients in float64, as torch's AdamW computes them, so that e.g. 1 - beta2
+        # is not the fp32 rounding of beta2 subtracted from 1 (a 5e-5 relative error).
+        lr, wd = _scalar64(step.lr, dev), _scalar64(step.weight_decay, dev)
+        b1, b2 = _scalar64(step.beta1, dev), _scalar64(step.beta2, dev)
         t = step.steps[i] + 1
-        m = b1 * step.exp_avgs[i].float() + (1 - b1) * g
-        v = b2 * step.exp_avg_sqs[i].float() + (1 - b2) * g * g
+        m = b1.float() * step.exp_avgs[i].float() + (1 - b1).float() * g
+        v = b2.float() * step.exp_avg_sqs[i].float() + (1 - b2).float() * g * g
         v_used = v
         if step.amsgrad:
             v_used = torch.maximum(step.max_exp_avg_sqs[i].float(), v)
-        gamma = torch.ones((), device=dev)
+        gamma = torch.ones((), dtype=torch.float64, device=dev)
         if damped:
-            rho = step.stats[step.scope_rows[i], L.rho_col(k)].to(dev)
-            gamma = torch.exp(-_scalar(step.damping, dev) * rho)
-        bias1 = 1 - b1 ** t
-        bias2 = 1 - b2 ** t
-        p32 = p.float() * (1 - lr * wd)
-        p32 = p32 - lr * gamma * (m / bias1) / (torch.sqrt(v_used / bias2) + step.eps)
+            rho = step.stats[step.scope_rows[i], L.rho_col(k)].to(dev, torch.float64)
+            gamma = torch.exp(-_scalar64(step.damping, dev) * rho)
+        bias1 = 1 - b1 ** t.double()
+        bias2_sqrt = torch.sqrt(1 - b2 ** t.double()).float()
+        step_size = (lr * gamma / bias1).float()
+        p32 = p.float() * (1 - lr * wd).float()
+        p32 = p32 - step_size * m / (torch.sqrt(v_used) / bias2_sqrt + step.eps)
 
         p.copy_(_keep_if(skip, p, p32.to(p.dtype)))
         step.exp_avgs[i].copy_(_keep_if(skip, step.exp_avgs[i], m.to(step.exp_avgs[i].dtype)))

@@ -10,7 +10,9 @@ literal one):
 * ``directional_derivatives(step)`` -- ``d`` alone (``probe_lag=0``).
 * ``finalize(step, d, *, lag)`` -- the statistics, rho and the applied gamma, in place.
 
-Nothing in them may read a device value back to the host. A ``found_inf`` that is set makes all
+Scalar coefficients (1 - beta, bias corrections 1 - beta**t, lr * weight_decay, the step size
+lr * gamma / (1 - beta1**t)) are computed in float64, as torch's AdamW does, and the per-element
+math in float32. Nothing in them may read a device value back to the host. A ``found_inf`` that is set makes all
 three leave every tensor as it was.
 """
 from dataclasses import dataclass, field
