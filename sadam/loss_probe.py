@@ -16,6 +16,10 @@ from . import _layout as L
 from ._hash import probe_bits, signs_from_bits
 
 
+def _as_float(loss) -> float:
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+
 class LossProbe:
     def __init__(self, optimizer):
         self.optimizer = optimizer
@@ -38,11 +42,11 @@ class LossProbe:
         self.restore_rng(rng_before)
         if "backward" in inspect.signature(closure).parameters:
             with torch.no_grad():
-                return float(closure(backward=False))
+                return _as_float(closure(backward=False))
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         saved = [None if p.grad is None else p.grad.clone() for p in params]
         with torch.enable_grad():
-            value = float(closure())
+            value = _as_float(closure())
         for p, g in zip(params, saved):
             p.grad = g
         return value
@@ -116,7 +120,7 @@ class LossProbe:
     def _probe(self, groups, closure, loss, rng_before, epoch):
         if loss is None:
             raise RuntimeError("probe='loss' needs the closure to return the loss")
-        f0 = float(loss)
+        f0 = _as_float(loss)
         probed = [(j, p) for group in groups for j, p in enumerate(group["params"])
                   if p.grad is not None]
         if not probed:
