@@ -1,0 +1,187 @@
+"""Bad input: clear errors naming the argument, and nothing modified by a rejected step."""
+import copy
+
+import pytest
+import torch
+
+from sadam import BackendUnavailable, SAdam
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(opt, params, snap):
+    before, sd = snap
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    now = opt.state_dict()
+    assert now["state"].keys() == sd["state"].keys()
+    for k in sd["state"]:
+        for key, v in sd["state"][k].items():
+            assert torch.equal(now["state"][k][key], v)
+
+
+INVALID = [
+    ("lr", -1.0), ("lr", float("nan")), ("lr", torch.tensor([1e-3, 1e-3])), ("lr", "fast"),
+    ("betas", (0.9,)), ("betas", (1.0, 0.999)), ("betas", (0.9, -0.1)), ("eps", -1e-8),
+    ("weight_decay", -0.1), ("damping", -1.0), ("probes", 0), ("probes", 33), ("probes", 2.5),
+    ("probe", "hessian"), ("probe_beta", 1.0), ("scope", "layer"), ("probe_lag", 2),
+    ("probe_window", 1), ("probe_window", 0), ("probe_delta", 0.0), ("probe_every", 0),
+    ("probe_estimator", "median"), ("state_dtype", torch.float16), ("seed", -1),
+    ("seed", 2 ** 32), ("amsgrad", 1), ("maximize", "yes"), ("backend", "jax"),
+    ("capturable", None),
+]
+
+
+@pytest.mark.parametrize("name,value", INVALID, ids=[f"{n}={v!r}" for n, v in INVALID])
+def test_invalid_hyperparameter_names_the_argument(name, value):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        SAdam([torch.nn.Parameter(torch.zeros(2))], **{name: value})
+
+
+def test_invalid_hyperparameter_in_a_param_group():
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = SAdam([p])
+    with pytest.raises(ValueError, match="damping"):
+        opt.add_param_group({"params": [q], "damping": -2.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_loss_probe_constraints():
+    with pytest.raises(ValueError, match="scope"):
+        SAdam([torch.nn.Parameter(torch.zeros(2))], probe="loss", scope="tensor")
+    with pytest.raises(ValueError, match="probes"):
+        SAdam([torch.nn.Parameter(torch.zeros(2))], probe="loss", probe_estimator="directions",
+              probes=1)
+    with pytest.raises(ValueError, match="probe_delta"):
+        SAdam([{"params": [torch.nn.Parameter(torch.zeros(2))]},
+               {"params": [torch.nn.Parameter(torch.zeros(2))], "probe_delta": 0.5}],
+              probe="loss")
+
+
+def test_complex_parameters_are_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        SAdam([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+
+
+def test_sparse_gradient_is_rejected_before_anything_changes():
+    dense = torch.nn.Parameter(torch.randn(4))
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = SAdam([dense, emb.weight], backend="torch")
+    dense.grad = torch.ones(4)
+    emb(torch.tensor([1, 2])).sum().backward()
+    params = [dense, emb.weight]
+    snap = _snapshot(opt, params)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_nan_gradient_behaves_like_adamw_and_spares_the_damping():
+    """Documented: a non-finite gradient makes that tensor's update non-finite (as in AdamW),
+    while the probe statistics skip the non-finite sample, so other tensors' damping and every
+    later step stay finite."""
+    torch.manual_seed(0)
+    good, bad = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
+    opt = SAdam([good, bad], backend="torch", probe_lag=0)
+    for _ in range(3):
+        good.grad, bad.grad = torch.randn(8), torch.randn(8)
+        opt.step()
+    rho_before = opt.lgi()[0].clone()
+    good.grad, bad.grad = torch.randn(8), torch.full((8,), float("nan"))
+    opt.step()
+    assert torch.isfinite(good).all() and torch.isnan(bad).all()
+    assert torch.equal(opt.lgi()[0], rho_before)  # the NaN sample did not enter the statistics
+    good.grad = torch.randn(8)
+    bad.grad = None
+    opt.step()
+    assert torch.isfinite(good).all() and torch.isfinite(opt.lgi()[0])
+
+
+def test_found_inf_changes_nothing_at_all():
+    torch.manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = SAdam(params, backend="torch", amsgrad=True)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    snap = _snapshot(opt, params)
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e4
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
+    opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_grad_scale_divides_the_gradient():
+    torch.manual_seed(2)
+    a, b = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(6))
+    b.data.copy_(a.data)
+    oa, ob = SAdam([a], backend="torch"), SAdam([b], backend="torch")
+    for _ in range(5):
+        g = torch.randn(6)
+        a.grad, b.grad = g, g * 512
+        ob.grad_scale, ob.found_inf = torch.tensor(512.0), torch.tensor(0.0)
+        oa.step()
+        ob.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    torch.testing.assert_close(oa.lgi()[0], ob.lgi()[0], rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_of_another_layout_is_rejected_and_nothing_changes():
+    src = SAdam([torch.nn.Parameter(torch.randn(4, 2)), torch.nn.Parameter(torch.randn(3))],
+                backend="torch")
+    for p in src.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    src.step()
+    sd = src.state_dict()
+
+    params = [torch.nn.Parameter(torch.randn(4, 2)), torch.nn.Parameter(torch.randn(5))]
+    opt = SAdam(params, backend="torch")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match="shape"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, params, snap)
+
+    fewer = SAdam([params[0]], backend="torch")
+    with pytest.raises(ValueError, match="parameters"):
+        fewer.load_state_dict(sd)
+    two_groups = SAdam([{"params": [params[0]]}, {"params": [params[1]]}], backend="torch")
+    with pytest.raises(ValueError, match="param groups"):
+        two_groups.load_state_dict(sd)
+
+
+def test_corrupted_probe_state_is_rejected():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = SAdam(params, backend="torch")
+    params[0].grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["probe_stats"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="probe_stats"):
+        opt.load_state_dict(sd)
+    sd["state"][0]["probe_stats"] = torch.zeros(2, 7)
+    with pytest.raises(ValueError, match="probe_stats"):
+        opt.load_state_dict(sd)
+
+
+def test_unknown_backend_names_and_unavailable_backends_say_why():
+    p = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(BackendUnavailable, match="cuda.*cpu"):
+        opt = SAdam([p], backend="cuda")
+        p.grad = torch.ones(2)
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(2))
+
+
+def test_auto_picks_the_first_available_backend_in_order():
+    from sadam import backends
+
+    available = backends.available_backends("cpu")
+    assert "torch" in available
+    expected = "cpu" if "cpu" in available else "torch"
+    assert backends.resolve("auto", torch.device("cpu")).name == expected
