@@ -184,4 +184,5 @@ def test_auto_picks_the_first_available_backend_in_order():
     available = backends.available_backends("cpu")
     assert "torch" in available
     expected = "cpu" if "cpu" in available else "torch"
-    assert backends.resolve("auto", torch.device("cpu")).name == expected
+    cpu = torch.device("cpu")
+    assert backends.resolve("auto", cpu) is backends.resolve(expected, cpu)
