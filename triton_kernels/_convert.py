@@ -1,0 +1,75 @@
+"""Loads and stores through int64 addresses, converting to and from fp32.
+
+bf16 travels as its uint16 bits: widening is a shift, narrowing rounds to nearest even with an
+integer bit trick, so the interpreter (which has no native bf16) and the GPU give the same bits.
+"""
+import torch
+import triton
+import triton.language as tl
+
+FP32: tl.constexpr = tl.constexpr(0)
+FP16: tl.constexpr = tl.constexpr(1)
+BF16: tl.constexpr = tl.constexpr(2)
+
+KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@triton.jit
+def load_f32(address, offs, mask, KIND: tl.constexpr):
+    """Elements ``offs`` of the tensor at int64 ``address`` as fp32 (0 where masked)."""
+    if KIND == BF16:
+        bits = tl.load(address.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == FP16:
+        x = tl.load(address.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+    else:
+        x = tl.load(address.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def bf16_bits(x):
+    """uint16 bits of fp32 ``x`` rounded to the nearest bf16, ties to even (NaN stays NaN)."""
+    u = x.to(tl.uint32, bitcast=True)
+    lsb = (u >> 16) & 1
+    rounded = (u + lsb + 0x7FFF) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16)
+
+
+@triton.jit
+def store_f32(address, offs, x, mask, KIND: tl.constexpr):
+    """Store fp32 ``x`` into elements ``offs`` of the tensor at int64 ``address``."""
+    if KIND == BF16:
+        tl.store(address.to(tl.pointer_type(tl.uint16)) + offs, bf16_bits(x), mask=mask)
+    elif KIND == FP16:
+        tl.store(address.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(address.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+
+
+@triton.jit
+def scalar_f32(x):
+    """A hyperparameter given either as a number or as a pointer to a device scalar."""
+    value = x  # a number (the interpreter passes it as a Python float)
+    if hasattr(x, "dtype"):
+        if x.dtype.is_ptr():
+            value = tl.load(x).to(tl.float32)
+    return value
+
+
+@triton.jit
+def proceed(found_inf):
+    """False when GradScaler's ``found_inf`` is given and set: the step must change nothing."""
+    if found_inf is None:
+        go = tl.full([], 1, tl.int1)
+    else:
+        go = tl.where(tl.load(found_inf) > 0, 0, 1) != 0
+    return go
+
+
+@triton.jit
+def pow_f32(base, exponent):
+    """base ** exponent for base in [0, 1) and exponent >= 1 (bias corrections)."""
+    return tl.exp2(exponent * tl.log2(base))

@@ -1,0 +1,103 @@
+"""The multi-tensor S-Adam pass: one launch covers every tensor of a (device, dtype) bucket.
+
+Each program owns one chunk of ``BLOCK * ITERS`` elements of one tensor (``chunk_tensor`` says
+which). Per element it reads p, g, m, v (and vmax), writes them back once, and -- with
+``EMIT_PROBE`` -- adds ``s_i(e) * g(e)`` for all k probes from one hash of the global index into
+the chunk's partial sums. With ``DO_UPDATE`` off the same kernel is the ``probe_lag=0`` probe pass
+(only g is read).
+"""
+import triton
+import triton.language as tl
+
+from ._convert import load_f32, pow_f32, proceed, scalar_f32, store_f32
+from ._hash import probe_hash, probe_key
+from .probe import chunk_partials
+
+# Columns of the per-tensor tables (int64). Addresses change when tensors are reallocated, the
+# layout columns only when shapes change, so the two live in separate tables.
+P, G, M, V, VMAX, STEP = 0, 1, 2, 3, 4, 5
+ADDRESS_COLS = 6
+NUMEL, OFFSET, KEY_BASE, ROW, FIRST_CHUNK = 0, 1, 2, 3, 4
+LAYOUT_COLS = 5
+
+
+@triton.jit
+def _column(table, tensor, COLS: tl.constexpr, col: tl.constexpr):
+    return tl.load(table + tensor * COLS + col)
+
+
+@triton.jit
+def multi_tensor_step_kernel(
+        chunk_tensor, addresses, layout, stats, stats_stride, partials,
+        lr, beta1, beta2, eps, weight_decay, damping, grad_scale, found_inf, window,
+        P_KIND: tl.constexpr, G_KIND: tl.constexpr, S_KIND: tl.constexpr,
+        DO_UPDATE: tl.constexpr, EMIT_PROBE: tl.constexpr, DAMPED: tl.constexpr,
+        AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+        BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    pid = tl.program_id(0)
+    tensor = tl.load(chunk_tensor + pid).to(tl.int64)
+    numel = _column(layout, tensor, LAYOUT_COLS, NUMEL)
+    first = _column(layout, tensor, LAYOUT_COLS, FIRST_CHUNK)
+    row = _column(layout, tensor, LAYOUT_COLS, ROW)
+    start = (pid - first) * (BLOCK * ITERS)
+    g_address = _column(addresses, tensor, ADDRESS_COLS, G)
+    stats_row = stats + row * stats_stride
+    go = proceed(found_inf)
+
+    if EMIT_PROBE:
+        count = tl.load(stats_row + 2 * K)
+        epoch = tl.load(stats_row + 2 * K + 1)
+        # a full window redraws the directions before this step's sample (see finalize)
+        redraw = (window > 0) & (count >= window)
+        epoch = epoch + tl.where(redraw, 1.0, 0.0)
+        key = probe_key(_column(layout, tensor, LAYOUT_COLS, KEY_BASE), epoch.to(tl.int64))
+        offset = _column(layout, tensor, LAYOUT_COLS, OFFSET)
+        acc = tl.zeros([K_PAD], dtype=tl.float32)
+    if DO_UPDATE:
+        p_address = _column(addresses, tensor, ADDRESS_COLS, P)
+        m_address = _column(addresses, tensor, ADDRESS_COLS, M)
+        v_address = _column(addresses, tensor, ADDRESS_COLS, V)
+        b1 = scalar_f32(beta1)
+        b2 = scalar_f32(beta2)
+        step_size = scalar_f32(lr)
+        decay = 1.0 - step_size * scalar_f32(weight_decay)
+        t = tl.load(_column(addresses, tensor, ADDRESS_COLS, STEP).to(tl.pointer_type(tl.float32)))
+        bias1 = 1.0 - pow_f32(b1, t)
+        bias2 = 1.0 - pow_f32(b2, t)
+        if DAMPED:
+            gamma = tl.exp(-scalar_f32(damping) * tl.load(stats_row + 2 * K + 2))
+        else:
+            gamma = 1.0
+        if AMSGRAD:
+            vmax_address = _column(addresses, tensor, ADDRESS_COLS, VMAX)
+
+    for it in tl.static_range(ITERS):
+        offs = start + it * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        inside = offs < numel
+        g = load_f32(g_address, offs, inside, G_KIND)
+        if MAXIMIZE:
+            g = -g
+        if grad_scale is not None:
+            g = g / tl.load(grad_scale)
+        if EMIT_PROBE:
+            acc += chunk_partials(g, probe_hash(offs + offset, key), K_PAD)
+        if DO_UPDATE:
+            live = inside & go
+            m = load_f32(m_address, offs, live, S_KIND)
+            v = load_f32(v_address, offs, live, S_KIND)
+            p = load_f32(p_address, offs, live, P_KIND)
+            m = b1 * m + (1.0 - b1) * g
+            v = b2 * v + (1.0 - b2) * g * g
+            if AMSGRAD:
+                v_used = tl.maximum(load_f32(vmax_address, offs, live, S_KIND), v)
+                store_f32(vmax_address, offs, v_used, live, S_KIND)
+            else:
+                v_used = v
+            p = p * decay
+            p = p - step_size * gamma * (m / bias1) / (tl.sqrt_rn(v_used / bias2) + eps)
+            store_f32(m_address, offs, m, live, S_KIND)
+            store_f32(v_address, offs, v, live, S_KIND)
+            store_f32(p_address, offs, p, live, P_KIND)
+
+    if EMIT_PROBE:
+        tl.store(partials + pid * K_PAD + tl.arange(0, K_PAD), acc)
