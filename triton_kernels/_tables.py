@@ -14,13 +14,12 @@ from typing import List, Tuple
 
 import torch
 
-from ._convert import KINDS
+from ._convert import ALIGNMENT, KINDS
 from ._hash import key_base
 from .update import LAYOUT_COLS
 
-BLOCK = 1024  # elements per inner iteration of a program
-ITERS = 4  # inner iterations: a program owns one chunk of BLOCK * ITERS elements
-CHUNK = BLOCK * ITERS
+CHUNK = 4096  # elements owned by one program of the multi-tensor pass
+TILE = 8192  # elements x probes per inner iteration: bounds the registers of the probe sums
 CACHE_SIZE = 16
 
 
@@ -85,7 +84,7 @@ def _build_layout(step, device: torch.device) -> Layout:
     order = {}
     for i in range(len(step.params)):
         order.setdefault(kinds_of(step, i), []).append(i)
-    table = [[0] * LAYOUT_COLS for _ in step.params]
+    table = [[0] * LAYOUT_COLS.value for _ in step.params]
     chunk_tensor, buckets = [], []
     row_chunks = [[] for _ in range(step.stats.shape[0])]
     for kinds, members in order.items():
@@ -120,11 +119,22 @@ def layout_of(step, device: torch.device) -> Layout:
     return _layouts.get(key, lambda: _build_layout(step, device))
 
 
-def addresses_of(step, device: torch.device) -> torch.Tensor:
-    """int64 [T, ADDRESS_COLS]: addresses of p, g, m, v, vmax (0 without amsgrad), step count."""
+def block_size(probe_width: int) -> Tuple[int, int]:
+    """(BLOCK, ITERS) of a program: BLOCK elements per inner iteration, ITERS * BLOCK = CHUNK."""
+    block = min(1024, TILE // probe_width)
+    return block, CHUNK // block
+
+
+def addresses_of(step, device: torch.device) -> Tuple[torch.Tensor, bool]:
+    """int64 [T, ADDRESS_COLS] addresses of p, g, m, v, vmax (0 without amsgrad) and the step
+    count of every tensor, and whether all element addresses are ALIGNMENT-byte aligned."""
     vmax = step.max_exp_avg_sqs if step.amsgrad else [None] * len(step.params)
     rows = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                   0 if x is None else x.data_ptr(), s.data_ptr())
                  for p, g, m, v, x, s in zip(step.params, step.grads, step.exp_avgs,
                                              step.exp_avg_sqs, vmax, step.steps))
-    return _addresses.get((device, rows), lambda: _to_device(list(rows), torch.int64, device))
+
+    def build():
+        aligned = all(a % ALIGNMENT == 0 for r in rows for a in r[:5])
+        return _to_device(list(rows), torch.int64, device), aligned
+    return _addresses.get((device, rows), build)

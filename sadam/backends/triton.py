@@ -112,8 +112,9 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
     _, tables, update_mod, probe_mod, _ = _kernels()
     device = _device(step)
     layout = tables.layout_of(step, device)
-    addresses = tables.addresses_of(step, device)
+    addresses, aligned = tables.addresses_of(step, device)
     k_pad = _probe_width(step)
+    block, iters = tables.block_size(k_pad)
     partials = None
     if emit_probe:
         partials = torch.empty(max(layout.num_chunks, 1), k_pad, dtype=torch.float32,
@@ -132,7 +133,7 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
             step.stats.stride(0), partials[chunks] if emit_probe else None, **args,
             P_KIND=p_kind, G_KIND=g_kind, S_KIND=s_kind, DO_UPDATE=do_update,
             EMIT_PROBE=emit_probe, DAMPED=damped, AMSGRAD=step.amsgrad, MAXIMIZE=step.maximize,
-            K=step.probes, K_PAD=k_pad, BLOCK=tables.BLOCK, ITERS=tables.ITERS,
+            K=step.probes, K_PAD=k_pad, BLOCK=block, ITERS=iters, ALIGNED=aligned,
             num_warps=_NUM_WARPS)
     if not emit_probe:
         return None
