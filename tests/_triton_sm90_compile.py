@@ -36,10 +36,15 @@ def step_variant(p, s, *, aligned=True, do_update, emit_probe, k, amsgrad, maxim
     block, iters = _tables.block_size(k_pad)
     signature = dict(chunk_tensor="*i32", addresses="*i64", layout="*i64", stats="*fp32",
                      stats_stride="i32", lr=hyper, beta1=hyper, beta2="fp32", eps="fp32",
+                     beta2_comp="fp32", beta2_log2="fp32",
                      weight_decay=hyper, damping=hyper, window="i32")
     constexprs = dict(P_KIND=p, G_KIND=p, S_KIND=s, DO_UPDATE=do_update, EMIT_PROBE=emit_probe,
                       DAMPED=True, AMSGRAD=amsgrad, MAXIMIZE=maximize, K=k,
                       K_PAD=k_pad, BLOCK=block, ITERS=iters, ALIGNED=aligned)
+    if tensors_hyper:  # a device-scalar beta1: complement and log taken in the kernel
+        constexprs.update(beta1_comp=None, beta1_log2=None)
+    else:
+        signature.update(beta1_comp="fp32", beta1_log2="fp32")
     if emit_probe:
         signature["partials"] = "*fp32"
     else:
@@ -71,7 +76,7 @@ VARIANTS = {
     **{f"finalize lag={lag}": (lambda lag=lag: compile_variant(
         finalize.finalize_kernel,
         dict(stats="*fp32", stats_stride="i32", d="*fp32", rows="*i32", damping="*fp32",
-             found_inf="*fp32", probe_beta="fp32", window="i32"),
+             found_inf="*fp32", probe_beta="fp32", probe_beta_comp="fp32", window="i32"),
         dict(LAG=lag, K=8, K_PAD=8), num_warps=1)) for lag in (0, 1)},
     "hash": lambda: compile_variant(
         _hash.probe_hash_kernel,

@@ -86,3 +86,18 @@ def proceed(found_inf):
 def pow_f32(base, exponent):
     """base ** exponent for base in [0, 1) and exponent >= 1 (bias corrections)."""
     return tl.exp2(exponent * tl.log2(base))
+
+
+@triton.jit
+def beta_terms(beta, complement, log2_beta):
+    """(beta, 1 - beta, log2(beta)) of a beta given as a number with its complement and log2
+    computed in double precision on the host, or as a device scalar (then 1 - beta is exact in
+    fp32 for beta in [0.5, 1] and the log is taken here)."""
+    b = scalar_f32(beta)
+    if complement is None:
+        c = 1.0 - b
+        log2_b = tl.log2(b)
+    else:
+        c = complement
+        log2_b = log2_beta
+    return b, c, log2_b

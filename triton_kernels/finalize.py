@@ -12,7 +12,8 @@ from ._convert import pow_f32, proceed, scalar_f32
 
 
 @triton.jit
-def finalize_kernel(stats, stats_stride, d, rows, damping, found_inf, probe_beta, window,
+def finalize_kernel(stats, stats_stride, d, rows, damping, found_inf, probe_beta, probe_beta_comp,
+                    window,
                     LAG: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr):
     row = tl.load(rows + tl.program_id(0)).to(tl.int64)
     base = stats + row * stats_stride
@@ -37,8 +38,8 @@ def finalize_kernel(stats, stats_stride, d, rows, damping, found_inf, probe_beta
     b = tl.where(reset, 0.0, b_old)
     count = tl.where(reset, 0.0, count_old) + 1.0
     epoch = epoch_old + tl.where(reset, 1.0, 0.0)
-    a = probe_beta * a + (1.0 - probe_beta) * dd
-    b = probe_beta * b + (1.0 - probe_beta) * dd * dd
+    a = probe_beta * a + probe_beta_comp * dd
+    b = probe_beta * b + probe_beta_comp * dd * dd
     correction = 1.0 - pow_f32(probe_beta, count)
     mean = a / correction
     second = b / correction

@@ -10,7 +10,7 @@ chunk of a tensor checks bounds.
 import triton
 import triton.language as tl
 
-from ._convert import load_f32, pow_f32, proceed, scalar_f32, store_f32
+from ._convert import beta_terms, load_f32, proceed, scalar_f32, store_f32
 from ._hash import probe_hash, probe_key
 from .probe import chunk_partials
 
@@ -28,8 +28,8 @@ def _column(table, tensor, COLS: tl.constexpr, col: tl.constexpr):
 
 
 @triton.jit
-def _chunk(start, numel, go, addresses, tensor, offset, key, b1, b2, step_size, decay, gamma,
-           bias1, bias2, eps, grad_scale,
+def _chunk(start, numel, go, addresses, tensor, offset, key, b1, c1, b2, c2, step_size, decay,
+           bias2_sqrt, eps, grad_scale,
            P_KIND: tl.constexpr, G_KIND: tl.constexpr, S_KIND: tl.constexpr,
            DO_UPDATE: tl.constexpr, EMIT_PROBE: tl.constexpr, AMSGRAD: tl.constexpr,
            MAXIMIZE: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr,
@@ -41,7 +41,11 @@ def _chunk(start, numel, go, addresses, tensor, offset, key, b1, b2, step_size, 
     v_address = _column(addresses, tensor, ADDRESS_COLS, V)
     vmax_address = _column(addresses, tensor, ADDRESS_COLS, VMAX)
     acc = tl.zeros([K_PAD], dtype=tl.float32)
-    for it in range(ITERS):
+    if FULL:
+        iters = ITERS
+    else:  # the last chunk of a tensor: skip its empty blocks
+        iters = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
+    for it in range(iters):
         offs = start + it * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         if FULL:
             inside = tl.full([BLOCK], 1, tl.int1)
@@ -59,15 +63,16 @@ def _chunk(start, numel, go, addresses, tensor, offset, key, b1, b2, step_size, 
             m = load_f32(m_address, offs, live, S_KIND, ALIGNED)
             v = load_f32(v_address, offs, live, S_KIND, ALIGNED)
             p = load_f32(p_address, offs, live, P_KIND, ALIGNED)
-            m = b1 * m + (1.0 - b1) * g
-            v = b2 * v + (1.0 - b2) * g * g
+            m = b1 * m + c1 * g
+            v = b2 * v + c2 * g * g
             if AMSGRAD:
                 v_used = tl.maximum(load_f32(vmax_address, offs, live, S_KIND, ALIGNED), v)
                 store_f32(vmax_address, offs, v_used, live, S_KIND, ALIGNED)
             else:
                 v_used = v
+            # the association of torch's AdamW: step_size * m / (sqrt(v) / sqrt(bias2) + eps)
             p = p * decay
-            p = p - step_size * gamma * (m / bias1) / (tl.sqrt_rn(v_used / bias2) + eps)
+            p = p - step_size * m / (tl.sqrt_rn(v_used) / bias2_sqrt + eps)
             store_f32(m_address, offs, m, live, S_KIND, ALIGNED)
             store_f32(v_address, offs, v, live, S_KIND, ALIGNED)
             store_f32(p_address, offs, p, live, P_KIND, ALIGNED)
@@ -77,7 +82,8 @@ def _chunk(start, numel, go, addresses, tensor, offset, key, b1, b2, step_size, 
 @triton.jit
 def multi_tensor_step_kernel(
         chunk_tensor, addresses, layout, stats, stats_stride, partials,
-        lr, beta1, beta2, eps, weight_decay, damping, grad_scale, found_inf, window,
+        lr, beta1, beta2, beta1_comp, beta2_comp, beta1_log2, beta2_log2, eps, weight_decay,
+        damping, grad_scale, found_inf, window,
         P_KIND: tl.constexpr, G_KIND: tl.constexpr, S_KIND: tl.constexpr,
         DO_UPDATE: tl.constexpr, EMIT_PROBE: tl.constexpr, DAMPED: tl.constexpr,
         AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
@@ -99,25 +105,24 @@ def multi_tensor_step_kernel(
     key = probe_key(_column(layout, tensor, LAYOUT_COLS, KEY_BASE), epoch.to(tl.int64))
 
     # per-tensor scalars of the update (step counts were already advanced on the host side)
-    b1 = scalar_f32(beta1)
-    b2 = scalar_f32(beta2)
+    b1, c1, log2_b1 = beta_terms(beta1, beta1_comp, beta1_log2)
+    b2, c2, log2_b2 = beta_terms(beta2, beta2_comp, beta2_log2)
     step_size = scalar_f32(lr)
     decay = 1.0 - step_size * scalar_f32(weight_decay)
     t = tl.load(_column(addresses, tensor, ADDRESS_COLS, STEP).to(tl.pointer_type(tl.float32)))
-    bias1 = 1.0 - pow_f32(b1, t)
-    bias2 = 1.0 - pow_f32(b2, t)
+    bias1 = 1.0 - tl.exp2(t * log2_b1)
+    bias2_sqrt = tl.sqrt_rn(1.0 - tl.exp2(t * log2_b2))
     if DAMPED:
-        gamma = tl.exp(-scalar_f32(damping) * tl.load(stats_row + 2 * K + 2))
-    else:
-        gamma = 1.0
+        step_size = step_size * tl.exp(-scalar_f32(damping) * tl.load(stats_row + 2 * K + 2))
+    step_size = step_size / bias1
 
     if start + BLOCK * ITERS <= numel:
-        acc = _chunk(start, numel, go, addresses, tensor, offset, key, b1, b2, step_size, decay,
-                     gamma, bias1, bias2, eps, grad_scale, P_KIND, G_KIND, S_KIND, DO_UPDATE,
+        acc = _chunk(start, numel, go, addresses, tensor, offset, key, b1, c1, b2, c2, step_size,
+                     decay, bias2_sqrt, eps, grad_scale, P_KIND, G_KIND, S_KIND, DO_UPDATE,
                      EMIT_PROBE, AMSGRAD, MAXIMIZE, K_PAD, BLOCK, ITERS, True, ALIGNED)
     else:
-        acc = _chunk(start, numel, go, addresses, tensor, offset, key, b1, b2, step_size, decay,
-                     gamma, bias1, bias2, eps, grad_scale, P_KIND, G_KIND, S_KIND, DO_UPDATE,
+        acc = _chunk(start, numel, go, addresses, tensor, offset, key, b1, c1, b2, c2, step_size,
+                     decay, bias2_sqrt, eps, grad_scale, P_KIND, G_KIND, S_KIND, DO_UPDATE,
                      EMIT_PROBE, AMSGRAD, MAXIMIZE, K_PAD, BLOCK, ITERS, False, ALIGNED)
     if EMIT_PROBE:
         tl.store(partials + pid * K_PAD + tl.arange(0, K_PAD), acc)

@@ -7,6 +7,7 @@ with the update switched off, ``finalize`` one program per scope row. Nothing re
 back to the host; hyperparameters are runtime arguments (numbers or device scalars), so changing
 lr never recompiles.
 """
+import math
 import os
 
 import torch
@@ -61,6 +62,15 @@ def _scalar(x, device):
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float32)
     return float(x)
+
+
+def _beta(x, device):
+    """Kernel arguments (beta, 1 - beta, log2 beta) of a beta: a number's complement and log are
+    taken in double precision here, as the reference does; a device scalar's in the kernel."""
+    if isinstance(x, torch.Tensor):
+        return _scalar(x, device), None, None
+    x = float(x)
+    return x, 1.0 - x, math.log2(x) if x > 0 else -math.inf
 
 
 def _probe_width(step: GroupStep) -> int:
@@ -119,9 +129,11 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
     if emit_probe:
         partials = torch.empty(max(layout.num_chunks, 1), k_pad, dtype=torch.float32,
                                device=device)
+    (beta1, beta1_comp, beta1_log2), (beta2, beta2_comp, beta2_log2) = (
+        _beta(step.beta1, device), _beta(step.beta2, device))
     args = dict(
-        lr=_scalar(step.lr, device), beta1=_scalar(step.beta1, device),
-        beta2=_scalar(step.beta2, device), eps=float(step.eps),
+        lr=_scalar(step.lr, device), beta1=beta1, beta2=beta2, beta1_comp=beta1_comp,
+        beta2_comp=beta2_comp, beta1_log2=beta1_log2, beta2_log2=beta2_log2, eps=float(step.eps),
         weight_decay=_scalar(step.weight_decay, device), damping=_scalar(step.damping, device),
         grad_scale=_flag(step.grad_scale, device), found_inf=_flag(step.found_inf, device),
         window=int(step.window))
@@ -177,5 +189,6 @@ def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     d = d.to(device=device, dtype=torch.float32).contiguous()
     finalize_mod.finalize_kernel[(len(step.rows_present),)](
         step.stats, step.stats.stride(0), d, layout.rows, _scalar(step.damping, device),
-        _flag(step.found_inf, device), float(step.probe_beta), int(step.window), LAG=int(lag),
+        _flag(step.found_inf, device), float(step.probe_beta), 1.0 - float(step.probe_beta),
+        int(step.window), LAG=int(lag),
         K=step.probes, K_PAD=_probe_width(step), num_warps=1)
