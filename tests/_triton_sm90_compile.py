@@ -72,7 +72,7 @@ VARIANTS = {
     "reduce k=8": lambda: compile_variant(
         probe.reduce_partials_kernel,
         dict(partials="*fp32", row_start="*i32", row_chunks="*i32", d="*fp32"),
-        dict(K=8, K_PAD=8, RBLOCK=64)),
+        dict(K=8, K_PAD=8, RBLOCK=_tables.reduce_block(8)), num_warps=8),
     **{f"finalize lag={lag}": (lambda lag=lag: compile_variant(
         finalize.finalize_kernel,
         dict(stats="*fp32", stats_stride="i32", d="*fp32", rows="*i32", damping="*fp32",

@@ -147,7 +147,7 @@ def run_both(group: Group, steps: int, grad_seed=0, lockstep=False, **hyper):
     return group, expected
 
 
-EDGE_SHAPES = [(0,), (1,), (4096,), (4097,), (33, 65), (7, 3, 5)]
+EDGE_SHAPES = [(0,), (1,), (16384,), (16385,), (3000,), (33, 65), (7, 3, 5)]  # 16384: a chunk
 
 
 # --------------------------------------------------------------------------------- the hash
@@ -195,19 +195,19 @@ def test_edge_shapes_both_lags_both_scopes(lag, scope):
 
 
 def test_amsgrad_maximize():
-    run_both(Group([(4097,), (31, 7)], amsgrad=True), steps=5, maximize=True)
+    run_both(Group([(16385,), (31, 7)], amsgrad=True), steps=4, maximize=True)
 
 
 @pytest.mark.parametrize("dtype,lag,scope", [(torch.bfloat16, 1, "group"),
                                               (torch.float16, 0, "tensor")])
 def test_low_precision_params(dtype, lag, scope):
-    run_both(Group([(4100,), (17, 33)], dtype=dtype, scope=scope), steps=4, probe_lag=lag,
+    run_both(Group([(16390,), (17, 33)], dtype=dtype, scope=scope), steps=3, probe_lag=lag,
              lockstep=True)
 
 
 def test_bf16_states_and_mixed_dtypes_in_one_group():
     """Two dtype buckets (two launches) feeding one scope row, with bf16 moments."""
-    group = Group([(4097,), (300,), (5, 9)], dtypes=[torch.float32, torch.bfloat16, torch.float32],
+    group = Group([(300,), (16400,), (5, 9)], dtypes=[torch.float32, torch.bfloat16, torch.float32],
                   state_dtype=torch.bfloat16)
     run_both(group, steps=4, lockstep=True)
 
@@ -240,11 +240,14 @@ def test_tensor_hyperparameters_and_grad_scale():
     run_both(Group([(2049,), (3, 3)]), steps=4, **scalars)
 
 
-def test_non_contiguous_parameters_use_row_major_indices():
+def test_non_contiguous_and_unaligned_parameters():
     group = Group([(40, 70), (300,)])
     group.params[0] = group.params[0].t()  # a transposed view: row-major order differs
     group.exp_avgs[0] = torch.zeros_like(group.params[0])
     group.exp_avg_sqs[0] = torch.zeros_like(group.params[0])
+    buffer = torch.zeros(301, device=DEVICE)
+    buffer[1:] = group.params[1]
+    group.params[1] = buffer[1:]  # contiguous, but 4 bytes past an aligned address
     run_both(group, steps=3)
 
 
@@ -362,3 +365,9 @@ def test_step_captures_in_a_cuda_graph():
         expected.step(grads, "torch", lr=lr)
     torch.cuda.synchronize()
     assert_matches(group, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="'auto' picks Triton only for CUDA tensors")
+def test_auto_picks_triton_on_cuda():
+    from sadam import backends
+    assert backends.resolve("auto", torch.device("cuda")) is triton_backend()

@@ -18,7 +18,9 @@ from ._convert import ALIGNMENT, KINDS
 from ._hash import key_base
 from .update import LAYOUT_COLS
 
-CHUNK = 4096  # elements owned by one program of the multi-tensor pass
+# Elements owned by one program of the multi-tensor pass. Large, so the probe partials (k floats
+# per chunk) stay small and their single-program-per-row reduction stays cheap.
+CHUNK = 16384
 TILE = 8192  # elements x probes per inner iteration: bounds the registers of the probe sums
 CACHE_SIZE = 16
 
@@ -123,6 +125,11 @@ def block_size(probe_width: int) -> Tuple[int, int]:
     """(BLOCK, ITERS) of a program: BLOCK elements per inner iteration, ITERS * BLOCK = CHUNK."""
     block = min(1024, TILE // probe_width)
     return block, CHUNK // block
+
+
+def reduce_block(probe_width: int) -> int:
+    """Partials rows summed per iteration of the reduction (a TILE-element tile)."""
+    return TILE // probe_width
 
 
 def addresses_of(step, device: torch.device) -> Tuple[torch.Tensor, bool]:

@@ -16,7 +16,6 @@ from .step import GroupStep
 
 name = "triton"
 _NUM_WARPS = 4
-_REDUCE_BLOCK = 64
 
 
 def available(device: torch.device):
@@ -57,9 +56,14 @@ def _device(step: GroupStep) -> torch.device:
     return device
 
 
+def _on_host(x, device) -> bool:
+    """A CPU tensor hyperparameter for device parameters: read it here (no device sync)."""
+    return isinstance(x, torch.Tensor) and x.device.type == "cpu" and device.type != "cpu"
+
+
 def _scalar(x, device):
     """A hyperparameter as a kernel argument: a float, or an fp32 device scalar (no host read)."""
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor) and not _on_host(x, device):
         return x.to(device=device, dtype=torch.float32)
     return float(x)
 
@@ -67,7 +71,7 @@ def _scalar(x, device):
 def _beta(x, device):
     """Kernel arguments (beta, 1 - beta, log2 beta) of a beta: a number's complement and log are
     taken in double precision here, as the reference does; a device scalar's in the kernel."""
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor) and not _on_host(x, device):
         return _scalar(x, device), None, None
     x = float(x)
     return x, 1.0 - x, math.log2(x) if x > 0 else -math.inf
@@ -152,7 +156,7 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
     d = torch.empty(step.stats.shape[0], step.probes, dtype=torch.float32, device=device)
     probe_mod.reduce_partials_kernel[(d.shape[0],)](
         partials, layout.row_start, layout.row_chunks, d, K=step.probes, K_PAD=k_pad,
-        RBLOCK=_REDUCE_BLOCK, num_warps=_NUM_WARPS)
+        RBLOCK=tables.reduce_block(k_pad), num_warps=8)
     return d
 
 
