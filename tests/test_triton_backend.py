@@ -230,8 +230,10 @@ def test_probe_count_extremes(probes):
     run_both(Group([(1500,), (4, 5)], probes=probes), steps=4)
 
 
-def test_tensor_hyperparameters_and_grad_scale():
-    scalars = dict(lr=torch.tensor(3e-3, device=DEVICE), beta1=torch.tensor(0.8, device=DEVICE),
+@pytest.mark.parametrize("lr_device", [DEVICE, "cpu"])
+def test_tensor_hyperparameters_and_grad_scale(lr_device):
+    """Device-scalar hyperparameters (and an lr kept on the CPU, as schedulers may)."""
+    scalars = dict(lr=torch.tensor(3e-3, device=lr_device), beta1=torch.tensor(0.8, device=DEVICE),
                    beta2=torch.tensor(0.95, device=DEVICE),
                    weight_decay=torch.tensor(0.05, device=DEVICE),
                    damping=torch.tensor(1.5, device=DEVICE),

@@ -7,6 +7,7 @@ with the update switched off, ``finalize`` one program per scope row. Nothing re
 back to the host; hyperparameters are runtime arguments (numbers or device scalars), so changing
 lr never recompiles.
 """
+import dataclasses
 import math
 import os
 
@@ -38,9 +39,8 @@ def available(device: torch.device):
 
 def _kernels():
     """Imported on first use: the kernels are decorated in the mode (GPU or interpreter) of then."""
-    from .. import triton_kernels
     from ..triton_kernels import _tables, finalize, probe, update
-    return triton_kernels, _tables, update, probe, finalize
+    return _tables, update, probe, finalize
 
 
 def _device(step: GroupStep) -> torch.device:
@@ -105,15 +105,10 @@ def _dense(step: GroupStep):
     if all(x.is_contiguous() for x in step.params + step.grads + step.exp_avgs
            + step.exp_avg_sqs + step.max_exp_avg_sqs):
         return step, copies
-    dense_step = GroupStep(
-        params=dense(step.params, True), grads=dense(step.grads, False),
+    dense_step = dataclasses.replace(
+        step, params=dense(step.params, True), grads=dense(step.grads, False),
         exp_avgs=dense(step.exp_avgs, True), exp_avg_sqs=dense(step.exp_avg_sqs, True),
-        max_exp_avg_sqs=dense(step.max_exp_avg_sqs, True), steps=step.steps, stats=step.stats,
-        scope_rows=step.scope_rows, tensor_ids=step.tensor_ids, offsets=step.offsets,
-        lr=step.lr, beta1=step.beta1, beta2=step.beta2, eps=step.eps,
-        weight_decay=step.weight_decay, damping=step.damping, amsgrad=step.amsgrad,
-        maximize=step.maximize, probes=step.probes, probe_beta=step.probe_beta,
-        window=step.window, seed=step.seed, grad_scale=step.grad_scale, found_inf=step.found_inf)
+        max_exp_avg_sqs=dense(step.max_exp_avg_sqs, True))
     return dense_step, copies
 
 
@@ -123,7 +118,7 @@ def _flag(x, device):
 
 def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
     """One multi-tensor launch per dtype bucket; returns d when ``emit_probe``."""
-    _, tables, update_mod, probe_mod, _ = _kernels()
+    tables, update_mod, probe_mod, _ = _kernels()
     device = _device(step)
     layout = tables.layout_of(step, device)
     addresses, aligned = tables.addresses_of(step, device)
@@ -187,7 +182,7 @@ def directional_derivatives(step: GroupStep) -> torch.Tensor:
 
 
 def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
-    _, tables, _, _, finalize_mod = _kernels()
+    tables, _, _, finalize_mod = _kernels()
     device = _device(step)
     layout = tables.layout_of(step, device)
     d = d.to(device=device, dtype=torch.float32).contiguous()
