@@ -33,7 +33,7 @@ def compile_variant(fn, signature, constexprs, num_warps=4):
 def step_variant(p, s, *, aligned=True, do_update, emit_probe, k, amsgrad, maximize, tensors_hyper, scaler):
     hyper = "*fp32" if tensors_hyper else "fp32"
     k_pad = max(2, triton.next_power_of_2(k))
-    block, iters = _tables.block_size(k_pad)
+    block, iters, num_warps = _tables.block_size(k_pad)
     signature = dict(chunk_tensor="*i32", addresses="*i64", layout="*i64", stats="*fp32",
                      stats_stride="i32", lr=hyper, beta1=hyper, beta2="fp32", eps="fp32",
                      beta2_comp="fp32", beta2_log2="fp32",
@@ -53,7 +53,7 @@ def step_variant(p, s, *, aligned=True, do_update, emit_probe, k, amsgrad, maxim
         signature.update(grad_scale="*fp32", found_inf="*fp32")
     else:
         constexprs.update(grad_scale=None, found_inf=None)
-    return compile_variant(update.multi_tensor_step_kernel, signature, constexprs)
+    return compile_variant(update.multi_tensor_step_kernel, signature, constexprs, num_warps)
 
 
 VARIANTS = {

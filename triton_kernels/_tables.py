@@ -21,7 +21,8 @@ from .update import LAYOUT_COLS
 # Elements owned by one program of the multi-tensor pass. Large, so the probe partials (k floats
 # per chunk) stay small and their single-program-per-row reduction stays cheap.
 CHUNK = 16384
-TILE = 8192  # elements x probes per inner iteration: bounds the registers of the probe sums
+PROBE_TILE = 4096  # elements x probes per inner iteration: bounds the registers of the probe sums
+REDUCE_TILE = 8192  # partials x probes per iteration of the reduction
 CACHE_SIZE = 16
 
 
@@ -121,15 +122,20 @@ def layout_of(step, device: torch.device) -> Layout:
     return _layouts.get(key, lambda: _build_layout(step, device))
 
 
-def block_size(probe_width: int) -> Tuple[int, int]:
-    """(BLOCK, ITERS) of a program: BLOCK elements per inner iteration, ITERS * BLOCK = CHUNK."""
-    block = min(1024, TILE // probe_width)
-    return block, CHUNK // block
+def block_size(probe_width: int) -> Tuple[int, int, int]:
+    """(BLOCK, ITERS, num_warps) of the multi-tensor pass for a padded probe count.
+
+    Four elements per thread (one 16-byte fp32 vector) and at most PROBE_TILE sign/gradient
+    products per inner iteration: per the sm_90 resource report that keeps the default k = 8
+    pass at about 96 registers without spills. Not yet tuned by GPU timing.
+    """
+    block = min(512, PROBE_TILE // probe_width)
+    return block, CHUNK // block, max(1, block // 128)
 
 
 def reduce_block(probe_width: int) -> int:
-    """Partials rows summed per iteration of the reduction (a TILE-element tile)."""
-    return TILE // probe_width
+    """Partials rows summed per iteration of the reduction (a REDUCE_TILE-element tile)."""
+    return REDUCE_TILE // probe_width
 
 
 def addresses_of(step, device: torch.device) -> Tuple[torch.Tensor, bool]:

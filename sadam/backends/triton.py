@@ -16,7 +16,6 @@ import torch
 from .step import GroupStep
 
 name = "triton"
-_NUM_WARPS = 4
 
 
 def available(device: torch.device):
@@ -123,7 +122,7 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
     layout = tables.layout_of(step, device)
     addresses, aligned = tables.addresses_of(step, device)
     k_pad = _probe_width(step)
-    block, iters = tables.block_size(k_pad)
+    block, iters, num_warps = tables.block_size(k_pad)
     partials = None
     if emit_probe:
         partials = torch.empty(max(layout.num_chunks, 1), k_pad, dtype=torch.float32,
@@ -145,7 +144,7 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
             P_KIND=p_kind, G_KIND=g_kind, S_KIND=s_kind, DO_UPDATE=do_update,
             EMIT_PROBE=emit_probe, DAMPED=damped, AMSGRAD=step.amsgrad, MAXIMIZE=step.maximize,
             K=step.probes, K_PAD=k_pad, BLOCK=block, ITERS=iters, ALIGNED=aligned,
-            num_warps=_NUM_WARPS)
+            num_warps=num_warps)
     if not emit_probe:
         return None
     d = torch.empty(step.stats.shape[0], step.probes, dtype=torch.float32, device=device)
