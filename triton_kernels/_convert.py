@@ -65,10 +65,12 @@ def store_f32(address, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr)
 @triton.jit
 def scalar_f32(x):
     """A hyperparameter given either as a number or as a pointer to a device scalar."""
-    value = x  # a number (the interpreter passes it as a Python float)
-    if hasattr(x, "dtype"):
-        if x.dtype.is_ptr():
-            value = tl.load(x).to(tl.float32)
+    if isinstance(x, float):  # the interpreter passes numbers as Python floats
+        value = x
+    elif x.dtype.is_ptr():
+        value = tl.load(x).to(tl.float32)
+    else:
+        value = x
     return value
 
 
