@@ -7,6 +7,7 @@ from torch.optim import Optimizer
 
 from . import _layout as L
 from ._validation import (validate_grad, validate_group, validate_loss_groups, validate_param)
+from .distributed import any_nonzero, is_dtensor, shard_params, to_local
 from .functional import sadam
 from .loss_probe import LossProbe
 
@@ -65,6 +66,10 @@ class SAdam(Optimizer):
             validate_loss_groups(self.param_groups)
             for i, p in enumerate(group["params"]):
                 validate_param(p, f"param {i} of group {len(self.param_groups) - 1}")
+                if group["probe"] == "loss" and is_dtensor(p):
+                    raise ValueError("probe='loss' does not support sharded (DTensor) parameters "
+                                     "(each rank would probe its own loss); use "
+                                     "probe='gradient'")
         except ValueError:
             self.param_groups.pop()
             raise
@@ -115,6 +120,9 @@ class SAdam(Optimizer):
             closure: re-evaluates the model and returns the loss. Required with
                 ``probe="loss"``; it may take a keyword ``backward`` (see the README).
         """
+        if self._is_state_init_step(closure):
+            self._init_state()
+            return None
         loss_groups = [g for g in self.param_groups if g["probe"] == "loss"]
         if loss_groups and closure is None:
             raise RuntimeError("SAdam with probe='loss' needs a closure: call "
@@ -134,6 +142,31 @@ class SAdam(Optimizer):
                 self._step_group(group, grad_scale, found_inf)
         return loss
 
+    def _is_state_init_step(self, closure) -> bool:
+        """The step torch.distributed.checkpoint takes to create a fresh optimizer's state
+        (``_init_optim_state``: no closure, every learning rate 0, every gradient zero).
+
+        Taking it would count a step and a probe sample that no training made, so it only
+        creates the state a first step would start from (zero moments, step 0, fresh statistics),
+        and it needs no closure with ``probe="loss"``. Checked only while the state is empty.
+        """
+        if closure is not None or self.state or torch.compiler.is_compiling():
+            return False
+        for group in self.param_groups:
+            lr = group["lr"]
+            if (float(lr) if isinstance(lr, torch.Tensor) else lr) != 0:
+                return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and not any_nonzero(grads)
+
+    def _init_state(self):
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for p in with_grad:
+                self._init_param_state(p, group)
+            if with_grad:
+                self._group_stats(group)
+
     def _step_group(self, group, grad_scale, found_inf):
         lists = defaultdict(list)
         for j, p in enumerate(group["params"]):
@@ -152,9 +185,14 @@ class SAdam(Optimizer):
         if not lists["params"]:
             return
         beta1, beta2 = group["betas"]
-        sadam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-              lists["max_exp_avg_sqs"], lists["state_steps"], self._group_stats(group),
-              scope_rows=lists["scope_rows"], tensor_ids=lists["tensor_ids"], lr=group["lr"],
+        # DTensor (FSDP2) parameters are stepped on their local shards; the offsets place each
+        # shard's probe signs in the full tensor and the group sums the partial probe sums.
+        params, offsets, process_group = shard_params(lists["params"])
+        sadam(params, *(to_local(lists[name]) for name in
+                        ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")),
+              lists["state_steps"], self._group_stats(group),
+              scope_rows=lists["scope_rows"], tensor_ids=lists["tensor_ids"], offsets=offsets,
+              process_group=process_group, lr=group["lr"],
               beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
               damping=group["damping"], amsgrad=group["amsgrad"], maximize=group["maximize"],
               probe=group["probe"], probes=group["probes"], probe_beta=group["probe_beta"],
@@ -187,7 +225,9 @@ class SAdam(Optimizer):
     # ------------------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict):
         """Load a state from :meth:`state_dict`. Everything is checked before anything changes;
-        tensors keep their saved dtypes (fp32 moments stay fp32 beside bf16 parameters)."""
+        tensors keep their saved dtypes (fp32 moments stay fp32 beside bf16 parameters). The
+        ``backend`` of each group stays the one this optimizer was built with: the state does not
+        depend on the backend that wrote it."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -206,6 +246,7 @@ class SAdam(Optimizer):
             for key, value in self.defaults.items():
                 new_group.setdefault(key, value)
             new_group["params"] = group["params"]
+            new_group["backend"] = group["backend"]  # the state is the same on every backend
             validate_group(new_group)
             new_groups.append(new_group)
             id_map.update(zip(saved["params"], group["params"]))
