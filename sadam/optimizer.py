@@ -6,6 +6,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _layout as L
+from . import backends
 from ._validation import (validate_grad, validate_group, validate_loss_groups, validate_param)
 from .distributed import any_nonzero, is_dtensor, shard_params, to_local
 from .functional import sadam
@@ -55,6 +56,7 @@ class SAdam(Optimizer):
                         state_dtype=state_dtype, seed=seed, amsgrad=amsgrad, maximize=maximize,
                         backend=backend, capturable=capturable)
         validate_group(dict(defaults, params=[]))
+        self._backends = {}
         super().__init__(params, defaults)
         self._loss_probe = LossProbe(self)
 
@@ -66,6 +68,7 @@ class SAdam(Optimizer):
             validate_loss_groups(self.param_groups)
             for i, p in enumerate(group["params"]):
                 validate_param(p, f"param {i} of group {len(self.param_groups) - 1}")
+                self._backend(group["backend"], p.device, strict=False)
                 if group["probe"] == "loss" and is_dtensor(p):
                     raise ValueError("probe='loss' does not support sharded (DTensor) parameters "
                                      "(each rank would probe its own loss); use "
@@ -76,9 +79,24 @@ class SAdam(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_backends", {})
+        self.__dict__.setdefault("_loss_probe", LossProbe(self))
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def _backend(self, name, device, strict=True):
+        """The backend module for ``name`` on ``device``, resolved once (also ahead of the first
+        step, so a compiled step never runs the resolution). A backend that cannot run raises
+        when a step needs it (``strict``), not at construction."""
+        impl = self._backends.get((name, device))
+        if impl is None:
+            try:
+                impl = self._backends[(name, device)] = backends.resolve(name, device)
+            except backends.BackendUnavailable:
+                if strict:
+                    raise
+        return impl
 
     # ----------------------------------------------------------------------------------- state
     def _group_stats(self, group) -> torch.Tensor:
@@ -198,7 +216,7 @@ class SAdam(Optimizer):
               probe=group["probe"], probes=group["probes"], probe_beta=group["probe_beta"],
               probe_lag=group["probe_lag"], probe_window=group["probe_window"],
               seed=group["seed"], grad_scale=grad_scale, found_inf=found_inf,
-              backend=group["backend"])
+              backend=self._backend(group["backend"], params[0].device))
 
     # ------------------------------------------------------------------------------- reporting
     def _applied(self, column_of):
