@@ -13,6 +13,10 @@ from .functional import sadam
 from .loss_probe import LossProbe
 
 
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # a parameter's state has all or none
+
+
 class SAdam(Optimizer):
     r"""Singularity-aware Adam: AdamW whose step is damped by ``exp(-damping * rho)``.
 
@@ -124,11 +128,29 @@ class SAdam(Optimizer):
         return state
 
     def _check_grads(self):
-        """Reject bad gradients before anything is modified."""
+        """Reject bad gradients, and state that no longer fits its parameter, before anything is
+        modified (host-side checks of shapes, dtypes and devices: no device value is read)."""
         for gi, group in enumerate(self.param_groups):
             for j, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    validate_grad(p, f"param {j} of group {gi}")
+                    where = f"param {j} of group {gi}"
+                    validate_grad(p, where)
+                    validate_param(p, where)  # e.g. module.double() after construction
+                    self._check_state_fits(p, where)
+
+    def _check_state_fits(self, p, where):
+        for name, value in self.state.get(p, {}).items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            moved = value.device != p.device
+            resized = name in _MOMENTS and value.shape != p.shape
+            if moved or resized:
+                raise RuntimeError(
+                    f"state {name!r} of {where} is a {tuple(value.shape)} tensor on "
+                    f"{value.device}, the parameter a {tuple(p.shape)} one on {p.device}: the "
+                    "parameter was moved or resized after the optimizer state was created. Move "
+                    "the state with optimizer.load_state_dict(optimizer.state_dict()), or build "
+                    "a new optimizer")
 
     # ------------------------------------------------------------------------------------ step
     def step(self, closure=None):
@@ -295,7 +317,11 @@ class SAdam(Optimizer):
 
     @staticmethod
     def _check_saved_state(p, values, key):
-        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        present = [name for name in _REQUIRED_STATE if name in values]
+        if present and len(present) != len(_REQUIRED_STATE):
+            missing = sorted(set(_REQUIRED_STATE) - set(present))
+            raise ValueError(f"state of parameter {key!r} has {present} but lacks {missing}")
+        for name in _MOMENTS:
             v = values.get(name)
             if v is not None and tuple(v.shape) != tuple(p.shape):
                 raise ValueError(f"state {name!r} of parameter {key!r} has shape "
