@@ -127,6 +127,10 @@ def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None):
             dcp.save({"model": get_model_state_dict(model),
                       "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint_dir)
 
+    if checkpoint_dir is not None:
+        # a state dict of the fresh optimizer: DCP creates the state with a zero-grad step that
+        # must change nothing (the run below is compared with one that never took it)
+        get_optimizer_state_dict(model, opt)
     train(model, opt, rank, STEPS, history, on_step=save)
     return dict(params=full_params(model), lgi=history, local_shapes=local_shapes)
 
