@@ -128,15 +128,22 @@ class SAdam(Optimizer):
         return state
 
     def _check_grads(self):
-        """Reject bad gradients, and state that no longer fits its parameter, before anything is
-        modified (host-side checks of shapes, dtypes and devices: no device value is read)."""
+        """Reject bad gradients, state that no longer fits its parameter and unsupported
+        shardings before anything is modified (host-side checks of shapes, dtypes, devices and
+        placements: no device value is read). Returns each group's :func:`shard_params` of the
+        parameters that have a gradient."""
+        shards = []
         for gi, group in enumerate(self.param_groups):
+            with_grad = []
             for j, p in enumerate(group["params"]):
                 if p.grad is not None:
                     where = f"param {j} of group {gi}"
                     validate_grad(p, where)
                     validate_param(p, where)  # e.g. module.double() after construction
                     self._check_state_fits(p, where)
+                    with_grad.append(p)
+            shards.append(shard_params(with_grad, f"param group {gi}"))
+        return shards
 
     def _check_state_fits(self, p, where):
         for name, value in self.state.get(p, {}).items():
@@ -172,14 +179,15 @@ class SAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
+        with torch.no_grad():  # the local shards it takes are updated in place
+            shards = self._check_grads()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         with torch.no_grad():
             if loss_groups:
                 self._loss_probe.run(loss_groups, closure, loss, rng_before, found_inf)
-            for group in self.param_groups:
-                self._step_group(group, grad_scale, found_inf)
+            for group, group_shards in zip(self.param_groups, shards):
+                self._step_group(group, group_shards, grad_scale, found_inf)
         return loss
 
     def _is_state_init_step(self, closure) -> bool:
@@ -207,7 +215,7 @@ class SAdam(Optimizer):
             if with_grad:
                 self._group_stats(group)
 
-    def _step_group(self, group, grad_scale, found_inf):
+    def _step_group(self, group, shards, grad_scale, found_inf):
         lists = defaultdict(list)
         for j, p in enumerate(group["params"]):
             if p.grad is None:
@@ -227,7 +235,7 @@ class SAdam(Optimizer):
         beta1, beta2 = group["betas"]
         # DTensor (FSDP2) parameters are stepped on their local shards; the offsets place each
         # shard's probe signs in the full tensor and the group sums the partial probe sums.
-        params, offsets, process_group = shard_params(lists["params"])
+        params, offsets, process_group = shards
         sadam(params, *(to_local(lists[name]) for name in
                         ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")),
               lists["state_steps"], self._group_stats(group),

@@ -135,6 +135,23 @@ def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None):
     return dict(params=full_params(model), lgi=history, local_shapes=local_shapes)
 
 
+def run_unsupported_placement():
+    """A DTensor split on dim 1: its shards are not contiguous in the full flat order."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+    p = nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+    p.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    opt = sadam.SAdam([p], backend="torch")
+    before = p.to_local().clone()
+    try:
+        opt.step()
+    except ValueError as exc:
+        return dict(error=str(exc), unchanged=torch.equal(p.to_local(), before),
+                    state=len(opt.state))
+    return dict(error=None)
+
+
 def main(out):
     import torch.distributed as dist
     rank = int(os.environ["RANK"])
@@ -146,6 +163,7 @@ def main(out):
         ckpt = os.path.join(out, f"ckpt_{config}") if config == "tensor_lag1" else None
         results[f"fsdp_{config}"] = run_fsdp(rank, out, config, checkpoint_dir=ckpt)
     results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
+    results["shard_dim_1"] = run_unsupported_placement()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if rank == 0:

@@ -168,13 +168,9 @@ def test_lr_zero_first_step_with_real_gradients_still_steps():
         assert float(opt.state[p]["step"]) == 1
 
 
-def test_dtensor_placement_not_on_dim_0_is_rejected():
-    from torch.distributed.tensor import Shard
-
-    from sadam.distributed import _shard_mesh_dim
-
-    class FakeDTensor:
-        placements = (Shard(1),)
-
-    with pytest.raises(ValueError, match="Shard\\(0\\)"):
-        _shard_mesh_dim(FakeDTensor(), "parameter 0")
+def test_dtensor_sharded_on_dim_1_is_rejected_before_any_change(two_ranks):
+    _, ranks = two_ranks
+    for record in ranks:
+        result = record["shard_dim_1"]
+        assert result["error"] is not None and "Shard(0)" in result["error"]
+        assert result["unchanged"] and result["state"] == 0
