@@ -101,7 +101,8 @@ def _param_tolerance(step):
 
 def _assert_memory_stable(memory, steps):
     warm, end = memory["warm"], memory["end"]
-    assert end["tensors"] == warm["tensors"], "tensors are left alive by steps"
+    # not equal: objects of earlier tests may still be freed meanwhile
+    assert end["tensors"] <= warm["tensors"], "tensors are left alive by steps"
     # Python-level allocations settle after a few thousand steps (measured: +14 KB from step 500
     # to 3,000); one leaked small object per step would pass 64 KB within the long soak
     assert end["python"] - warm["python"] < 64 * 1024
