@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 
 import distributed_worker as W
+import spec_tolerance
 import sadam
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 LAUNCH_TIMEOUT_S = 300
-PARAM_RTOL, RHO_ATOL = 1e-5, 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +47,14 @@ def two_ranks(tmp_path_factory):
 
 def assert_params_close(actual, expected):
     for name, ref in expected.items():
-        scale = ref.abs().max().clamp_min(1e-12)
-        err = (actual[name] - ref).abs().max() / scale
-        assert err <= PARAM_RTOL, f"{name}: relative error {err:.3g}"
+        spec_tolerance.assert_params_close(actual[name], ref, name=name)
 
 
 def assert_rho_close(actual, expected):
     assert len(actual) == len(expected)
-    for step, (a_step, e_step) in enumerate(zip(actual, expected)):
+    for a_step, e_step in zip(actual, expected):
         for a, e in zip(a_step, e_step):
-            assert a.shape == e.shape
-            err = (a - e).abs().max()
-            assert err <= RHO_ATOL, f"step {step + 1}: rho differs by {err:.3g}"
+            spec_tolerance.assert_rho_close(a, e)
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
