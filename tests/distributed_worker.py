@@ -107,7 +107,7 @@ def run_ddp(rank, out, config):
     return dict(params=full_params(model.module), lgi=history)
 
 
-def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None):
+def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None, backend="torch"):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -118,7 +118,7 @@ def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None):
         else MixedPrecisionPolicy()
     fully_shard(model[0], mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    opt = make_optimizer(model, config)
+    opt = make_optimizer(model, config, backend)
     local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
     history = []
 
@@ -164,6 +164,10 @@ def main(out):
         results[f"fsdp_{config}"] = run_fsdp(rank, out, config, checkpoint_dir=ckpt)
     results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
     results["shard_dim_1"] = run_unsupported_placement()
+    for backend in sadam.available_backends("cpu"):
+        if backend != "torch":  # kernel rows: sharded offsets on every backend
+            results[f"fsdp_backend_{backend}"] = run_fsdp(rank, out, "tensor_lag1",
+                                                          backend=backend)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if rank == 0:

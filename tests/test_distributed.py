@@ -71,6 +71,18 @@ def test_two_ranks_equal_one_process(two_ranks, engine, config):
         assert_rho_close(result["lgi"], history)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu", "cuda"])
+def test_fsdp_on_kernel_backend_equals_one_process_reference(two_ranks, backend):
+    _, ranks = two_ranks
+    if f"fsdp_backend_{backend}" not in ranks[0]:
+        pytest.skip(f"backend {backend!r} is not available on CPU here")
+    model, _, history = W.reference_run("tensor_lag1")
+    for record in ranks:
+        result = record[f"fsdp_backend_{backend}"]
+        assert_params_close(result["params"], W.full_params(model))
+        assert_rho_close(result["lgi"], history)
+
+
 def test_fsdp_shards_are_uneven_and_empty(two_ranks):
     _, ranks = two_ranks
     shapes = [r["fsdp_tensor_lag1"]["local_shapes"] for r in ranks]
