@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(wildcard csrc/*)
 
-.PHONY: test demo bench build venv clean
+.PHONY: test demo bench soak build venv clean
 
 venv: $(VENV)/.deps
 build: $(VENV)/.built
@@ -19,6 +19,8 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) ninja
 	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib
+	# the Hugging Face Trainer drop-in test (tests/test_hf_trainer.py)
+	$(PIP) install -q transformers accelerate
 	touch $@
 
 # Builds the native extension from source (CPU kernel always, CUDA kernels where nvcc is found).
@@ -31,6 +33,10 @@ test: build
 
 demo: build
 	$(PY) -m sadam.study --quick
+
+# 10,000 steps per backend: drift from the reference and memory growth (minutes on a CPU)
+soak: build
+	SADAM_SOAK=1 $(PY) -m pytest -q -m slow tests/test_soak.py
 
 bench: build
 	$(PY) -m pytest bench -q --benchmark-json=bench/results/local.json

@@ -6,9 +6,15 @@ import torch
 from torch.optim import Optimizer
 
 from . import _layout as L
+from . import backends
 from ._validation import (validate_grad, validate_group, validate_loss_groups, validate_param)
+from .distributed import any_nonzero, is_dtensor, shard_params, to_local
 from .functional import sadam
 from .loss_probe import LossProbe
+
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # a parameter's state has all or none
 
 
 class SAdam(Optimizer):
@@ -54,6 +60,7 @@ class SAdam(Optimizer):
                         state_dtype=state_dtype, seed=seed, amsgrad=amsgrad, maximize=maximize,
                         backend=backend, capturable=capturable)
         validate_group(dict(defaults, params=[]))
+        self._backends = {}
         super().__init__(params, defaults)
         self._loss_probe = LossProbe(self)
 
@@ -65,15 +72,35 @@ class SAdam(Optimizer):
             validate_loss_groups(self.param_groups)
             for i, p in enumerate(group["params"]):
                 validate_param(p, f"param {i} of group {len(self.param_groups) - 1}")
+                self._backend(group["backend"], p.device, strict=False)
+                if group["probe"] == "loss" and is_dtensor(p):
+                    raise ValueError("probe='loss' does not support sharded (DTensor) parameters "
+                                     "(each rank would probe its own loss); use "
+                                     "probe='gradient'")
         except ValueError:
             self.param_groups.pop()
             raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_backends", {})
+        self.__dict__.setdefault("_loss_probe", LossProbe(self))
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+
+    def _backend(self, name, device, strict=True):
+        """The backend module for ``name`` on ``device``, resolved once (also ahead of the first
+        step, so a compiled step never runs the resolution). A backend that cannot run raises
+        when a step needs it (``strict``), not at construction."""
+        impl = self._backends.get((name, device))
+        if impl is None:
+            try:
+                impl = self._backends[(name, device)] = backends.resolve(name, device)
+            except backends.BackendUnavailable:
+                if strict:
+                    raise
+        return impl
 
     # ----------------------------------------------------------------------------------- state
     def _group_stats(self, group) -> torch.Tensor:
@@ -101,11 +128,36 @@ class SAdam(Optimizer):
         return state
 
     def _check_grads(self):
-        """Reject bad gradients before anything is modified."""
+        """Reject bad gradients, state that no longer fits its parameter and unsupported
+        shardings before anything is modified (host-side checks of shapes, dtypes, devices and
+        placements: no device value is read). Returns each group's :func:`shard_params` of the
+        parameters that have a gradient."""
+        shards = []
         for gi, group in enumerate(self.param_groups):
+            with_grad = []
             for j, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    validate_grad(p, f"param {j} of group {gi}")
+                    where = f"param {j} of group {gi}"
+                    validate_grad(p, where)
+                    validate_param(p, where)  # e.g. module.double() after construction
+                    self._check_state_fits(p, where)
+                    with_grad.append(p)
+            shards.append(shard_params(with_grad, f"param group {gi}"))
+        return shards
+
+    def _check_state_fits(self, p, where):
+        for name, value in self.state.get(p, {}).items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            moved = value.device != p.device
+            resized = name in _MOMENTS and value.shape != p.shape
+            if moved or resized:
+                raise RuntimeError(
+                    f"state {name!r} of {where} is a {tuple(value.shape)} tensor on "
+                    f"{value.device}, the parameter a {tuple(p.shape)} one on {p.device}: the "
+                    "parameter was moved or resized after the optimizer state was created. Move "
+                    "the state with optimizer.load_state_dict(optimizer.state_dict()), or build "
+                    "a new optimizer")
 
     # ------------------------------------------------------------------------------------ step
     def step(self, closure=None):
@@ -115,6 +167,9 @@ class SAdam(Optimizer):
             closure: re-evaluates the model and returns the loss. Required with
                 ``probe="loss"``; it may take a keyword ``backward`` (see the README).
         """
+        if self._is_state_init_step(closure):
+            self._init_state()
+            return None
         loss_groups = [g for g in self.param_groups if g["probe"] == "loss"]
         if loss_groups and closure is None:
             raise RuntimeError("SAdam with probe='loss' needs a closure: call "
@@ -124,17 +179,43 @@ class SAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_grads()
+        with torch.no_grad():  # the local shards it takes are updated in place
+            shards = self._check_grads()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         with torch.no_grad():
             if loss_groups:
                 self._loss_probe.run(loss_groups, closure, loss, rng_before, found_inf)
-            for group in self.param_groups:
-                self._step_group(group, grad_scale, found_inf)
+            for group, group_shards in zip(self.param_groups, shards):
+                self._step_group(group, group_shards, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, group, grad_scale, found_inf):
+    def _is_state_init_step(self, closure) -> bool:
+        """The step torch.distributed.checkpoint takes to create a fresh optimizer's state
+        (``_init_optim_state``: no closure, every learning rate 0, every gradient zero).
+
+        Taking it would count a step and a probe sample that no training made, so it only
+        creates the state a first step would start from (zero moments, step 0, fresh statistics),
+        and it needs no closure with ``probe="loss"``. Checked only while the state is empty.
+        """
+        if closure is not None or self.state or torch.compiler.is_compiling():
+            return False
+        for group in self.param_groups:
+            lr = group["lr"]
+            if (float(lr) if isinstance(lr, torch.Tensor) else lr) != 0:
+                return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return bool(grads) and not any_nonzero(grads)
+
+    def _init_state(self):
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for p in with_grad:
+                self._init_param_state(p, group)
+            if with_grad:
+                self._group_stats(group)
+
+    def _step_group(self, group, shards, grad_scale, found_inf):
         lists = defaultdict(list)
         for j, p in enumerate(group["params"]):
             if p.grad is None:
@@ -152,15 +233,20 @@ class SAdam(Optimizer):
         if not lists["params"]:
             return
         beta1, beta2 = group["betas"]
-        sadam(lists["params"], lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"],
-              lists["max_exp_avg_sqs"], lists["state_steps"], self._group_stats(group),
-              scope_rows=lists["scope_rows"], tensor_ids=lists["tensor_ids"], lr=group["lr"],
+        # DTensor (FSDP2) parameters are stepped on their local shards; the offsets place each
+        # shard's probe signs in the full tensor and the group sums the partial probe sums.
+        params, offsets, process_group = shards
+        sadam(params, *(to_local(lists[name]) for name in
+                        ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")),
+              lists["state_steps"], self._group_stats(group),
+              scope_rows=lists["scope_rows"], tensor_ids=lists["tensor_ids"], offsets=offsets,
+              process_group=process_group, lr=group["lr"],
               beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
               damping=group["damping"], amsgrad=group["amsgrad"], maximize=group["maximize"],
               probe=group["probe"], probes=group["probes"], probe_beta=group["probe_beta"],
               probe_lag=group["probe_lag"], probe_window=group["probe_window"],
               seed=group["seed"], grad_scale=grad_scale, found_inf=found_inf,
-              backend=group["backend"])
+              backend=self._backend(group["backend"], params[0].device))
 
     # ------------------------------------------------------------------------------- reporting
     def _applied(self, column_of):
@@ -187,7 +273,9 @@ class SAdam(Optimizer):
     # ------------------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict):
         """Load a state from :meth:`state_dict`. Everything is checked before anything changes;
-        tensors keep their saved dtypes (fp32 moments stay fp32 beside bf16 parameters)."""
+        tensors keep their saved dtypes (fp32 moments stay fp32 beside bf16 parameters). The
+        ``backend`` of each group stays the one this optimizer was built with: the state does not
+        depend on the backend that wrote it."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -206,6 +294,7 @@ class SAdam(Optimizer):
             for key, value in self.defaults.items():
                 new_group.setdefault(key, value)
             new_group["params"] = group["params"]
+            new_group["backend"] = group["backend"]  # the state is the same on every backend
             validate_group(new_group)
             new_groups.append(new_group)
             id_map.update(zip(saved["params"], group["params"]))
@@ -236,7 +325,11 @@ class SAdam(Optimizer):
 
     @staticmethod
     def _check_saved_state(p, values, key):
-        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        present = [name for name in _REQUIRED_STATE if name in values]
+        if present and len(present) != len(_REQUIRED_STATE):
+            missing = sorted(set(_REQUIRED_STATE) - set(present))
+            raise ValueError(f"state of parameter {key!r} has {present} but lacks {missing}")
+        for name in _MOMENTS:
             v = values.get(name)
             if v is not None and tuple(v.shape) != tuple(p.shape):
                 raise ValueError(f"state {name!r} of parameter {key!r} has shape "

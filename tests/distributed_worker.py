@@ -1,0 +1,180 @@
+"""Two-rank training runs (gloo, CPU) that tests/test_distributed.py compares with one process.
+
+Run as ``python distributed_worker.py OUT_DIR`` with RANK, WORLD_SIZE and STORE (a file path for
+the rendezvous) in the environment. Every scenario writes ``OUT_DIR/<scenario>.pt`` from rank 0.
+The single-process twins are the functions ``reference_*`` below, run by the test itself.
+
+The model has shapes that shard unevenly over two ranks (7 rows -> 4 + 3) and tensors with one
+row (the second rank's shard is empty). The loss is L1 (a kink), so rho moves away from 0.
+"""
+import copy
+import os
+import sys
+
+import torch
+import torch.nn as nn
+
+import sadam
+
+STEPS = 6
+SAVE_AFTER = 3
+WORLD = 2
+CONFIGS = {
+    "tensor_lag1": dict(scope="tensor", probe_lag=1),
+    "group_lag0": dict(scope="group", probe_lag=0, probe_window=3, amsgrad=True),
+}
+
+
+def build_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 1))
+
+
+def batch(rank=None):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=g)
+    y = torch.randn(16, 1, generator=g)
+    if rank is None:
+        return x, y
+    half = 16 // WORLD
+    return x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half]
+
+
+def make_optimizer(model, config, backend="torch"):
+    return sadam.SAdam(model.parameters(), lr=2e-2, damping=2.0, probes=8, weight_decay=1e-2,
+                       backend=backend, **CONFIGS[config])
+
+
+def loss_of(model, x, y):
+    return (model(x) - y).abs().mean()
+
+
+def record(opt, history):
+    history.append([r.detach().clone().float() for r in opt.lgi()])
+
+
+def full_params(model):
+    out = {}
+    for name, p in model.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = p.detach().clone().float()
+    return out
+
+
+# ------------------------------------------------------------------ single-process references
+def reference_run(config, steps=STEPS, bf16_compute=False, model=None, opt=None, backend="torch"):
+    """The unsharded twin: the mean of the per-rank gradients (what DDP and FSDP2 reduce), then
+    one SAdam step. With ``bf16_compute`` each half batch runs on a bf16 copy of the model, as
+    FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) does."""
+    model = model or build_model()
+    opt = opt or make_optimizer(model, config, backend)
+    history = []
+    for _ in range(steps):
+        grads = [torch.zeros_like(p) for p in model.parameters()]
+        for rank in range(WORLD):
+            x, y = batch(rank)
+            worker = copy.deepcopy(model).to(torch.bfloat16) if bf16_compute else model
+            worker.zero_grad(set_to_none=True)
+            loss = loss_of(worker, x.to(next(worker.parameters()).dtype), y)
+            loss.float().backward()
+            for acc, p in zip(grads, worker.parameters()):
+                acc += p.grad.float() / WORLD
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        opt.step()
+        record(opt, history)
+    return model, opt, history
+
+
+# --------------------------------------------------------------------------- two-rank runs
+def train(model, opt, rank, steps, history, on_step=None):
+    x, y = batch(rank)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_of(model, x, y).backward()
+        opt.step()
+        record(opt, history)
+        if on_step is not None:
+            on_step(step + 1)
+
+
+def run_ddp(rank, out, config):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(build_model())
+    opt = make_optimizer(model, config)
+    history = []
+    train(model, opt, rank, STEPS, history)
+    return dict(params=full_params(model.module), lgi=history)
+
+
+def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None, backend="torch"):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = build_model()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    fully_shard(model[0], mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    opt = make_optimizer(model, config, backend)
+    local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
+    history = []
+
+    def save(step):
+        if checkpoint_dir is not None and step == SAVE_AFTER:
+            dcp.save({"model": get_model_state_dict(model),
+                      "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint_dir)
+
+    if checkpoint_dir is not None:
+        # a state dict of the fresh optimizer: DCP creates the state with a zero-grad step that
+        # must change nothing (the run below is compared with one that never took it)
+        get_optimizer_state_dict(model, opt)
+    train(model, opt, rank, STEPS, history, on_step=save)
+    return dict(params=full_params(model), lgi=history, local_shapes=local_shapes)
+
+
+def run_unsupported_placement():
+    """A DTensor split on dim 1: its shards are not contiguous in the full flat order."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+    p = nn.Parameter(distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)]))
+    p.grad = distribute_tensor(torch.ones(4, 6), mesh, [Shard(1)])
+    opt = sadam.SAdam([p], backend="torch")
+    before = p.to_local().clone()
+    try:
+        opt.step()
+    except ValueError as exc:
+        return dict(error=str(exc), unchanged=torch.equal(p.to_local(), before),
+                    state=len(opt.state))
+    return dict(error=None)
+
+
+def main(out):
+    import torch.distributed as dist
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method=f"file://{os.environ['STORE']}", rank=rank,
+                            world_size=int(os.environ["WORLD_SIZE"]))
+    results = {}
+    for config in CONFIGS:
+        results[f"ddp_{config}"] = run_ddp(rank, out, config)
+        ckpt = os.path.join(out, f"ckpt_{config}") if config == "tensor_lag1" else None
+        results[f"fsdp_{config}"] = run_fsdp(rank, out, config, checkpoint_dir=ckpt)
+    results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
+    results["shard_dim_1"] = run_unsupported_placement()
+    for backend in sadam.available_backends("cpu"):
+        if backend != "torch":  # kernel rows: sharded offsets on every backend
+            results[f"fsdp_backend_{backend}"] = run_fsdp(rank, out, "tensor_lag1",
+                                                          backend=backend)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, os.path.join(out, "results.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
