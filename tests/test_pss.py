@@ -287,3 +287,37 @@ def test_bad_params_are_named():
         PSS([torch.zeros(3, 3, dtype=torch.int64)])
     with pytest.raises(RuntimeError, match="backward"):
         PSS(torch.nn.Linear(3, 3)).observe()
+
+
+# --------------------------------------------------------------------------- FSDP2 layout
+@pytest.fixture
+def single_rank_mesh(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_parameters_match_plain_ones(single_rank_mesh):
+    """Shard(0) DTensors (the FSDP2 layout): all-reduced norm and gathered smoothing."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    plain = [torch.nn.Parameter(with_spectrum(20, 12, [10, 9, 8], seed=i)[0].float())
+             for i in range(2)] + [torch.nn.Parameter(torch.randn(12))]
+    placements = [[Shard(0)], [Replicate()], [Shard(0)]]
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), single_rank_mesh, pl))
+               for p, pl in zip(plain, placements)]
+    for p, q in zip(plain, sharded):
+        p.grad = torch.randn_like(p)
+        q.grad = distribute_tensor(p.grad.clone(), single_rank_mesh, q.placements)
+    a, b = PSS(plain, warmup=0), PSS(sharded, warmup=0)
+    a.observe(), b.observe()
+    torch.testing.assert_close(b._trigger.ema, a._trigger.ema)
+    a.smooth_now(), b.smooth_now()
+    for p, q in zip(plain, sharded):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-5, atol=1e-6)
