@@ -204,14 +204,14 @@ class PSS:
     def _smooth_batch(self, batch) -> List[MatrixReport]:
         h = self.hparams
         m, n = _as_matrix_shape(batch[0][1])
+        # a private fp32 copy: the factorization runs in fp32 whatever the weight dtype
         W = torch.stack([_full(p).detach().reshape(m, n) for _, p in batch]).float()
         gen = self._generator(W.device)
         k = LA.dominant_rank(W, LA.top_singular_value(W, gen), h["max_rank"])
         width = LA.subspace_width(int(k.max()), h["oversample"], m, n)
         U, S, Vh = LA.randomized_svd(W, width, h["power_iters"], gen)
         S_new = LA.smooth_values(S, k, h["smooth"], h["strength"])
-        W_new = LA.corrected(W, U, S_new - S, Vh)
-        self._write([p for _, p in batch], W_new)
+        self._write([p for _, p in batch], LA.correct_(W, U, S_new - S, Vh))
         rows = zip(batch, k.tolist(), S[:, 0].tolist(), S_new[:, 0].tolist())
         return [MatrixReport(name, k_i, before, after) for (name, _), k_i, before, after in rows]
 

@@ -15,13 +15,14 @@ _TINY = 1e-30
 def top_singular_value(W: torch.Tensor, generator: torch.Generator,
                        iters: int = SIGMA1_ITERS) -> torch.Tensor:
     """sigma_1 of each matrix of ``W`` (B, m, n) by power iteration on W^T W; shape (B,)."""
-    v = torch.randn(W.shape[0], W.shape[2], 1, generator=generator, device=W.device,
+    # v is kept as a row (B, 1, n) so both products read W in its own layout (v W^T, (W v)^T W)
+    v = torch.randn(W.shape[0], 1, W.shape[2], generator=generator, device=W.device,
                     dtype=W.dtype)
     for _ in range(iters):
-        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(_TINY)
-        v = torch.bmm(W.mT, torch.bmm(W, v))
-    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min(_TINY)
-    return torch.linalg.vector_norm(torch.bmm(W, v), dim=(1, 2))
+        v = v / torch.linalg.vector_norm(v, dim=2, keepdim=True).clamp_min(_TINY)
+        v = torch.bmm(torch.bmm(v, W.mT), W)
+    v = v / torch.linalg.vector_norm(v, dim=2, keepdim=True).clamp_min(_TINY)
+    return torch.linalg.vector_norm(torch.bmm(v, W.mT), dim=(1, 2))
 
 
 def dominant_rank(W: torch.Tensor, sigma1: torch.Tensor, max_rank: int) -> torch.Tensor:
@@ -30,7 +31,7 @@ def dominant_rank(W: torch.Tensor, sigma1: torch.Tensor, max_rank: int) -> torch
     A zero matrix has no dominant direction; it gets k = 1 and is left alone later because its
     reference level sigma_2 is 0.
     """
-    fro2 = W.square().sum(dim=(1, 2))
+    fro2 = torch.linalg.vector_norm(W, dim=(1, 2)).square()
     srank = torch.where(sigma1 > 0, fro2 / sigma1.square().clamp_min(_TINY),
                         torch.ones_like(fro2))
     cap = min(max_rank, min(W.shape[1], W.shape[2]) - 1)
@@ -48,10 +49,21 @@ def randomized_svd(W: torch.Tensor, rank: int, power_iters: int, generator: torc
                         dtype=W.dtype)
     Q = torch.linalg.qr(torch.bmm(W, omega)).Q
     for _ in range(power_iters):
-        Z = torch.linalg.qr(torch.bmm(W.mT, Q)).Q
+        Z = torch.linalg.qr(_t_times(Q, W)).Q
         Q = torch.linalg.qr(torch.bmm(W, Z)).Q
-    U_small, S, Vh = torch.linalg.svd(torch.bmm(Q.mT, W), full_matrices=False)
-    return torch.bmm(Q, U_small), S, Vh
+    # SVD of the thin (n, l) matrix W^T Q = (Q^T W)^T through its QR: only the l x l factor R
+    # goes to the SVD (in fp64, it is tiny). LAPACK's SVD of the thin or wide matrix itself is
+    # erratic on CPU (up to seconds for l = 6).
+    Q_b, R = torch.linalg.qr(_t_times(Q, W))
+    U_r, S, Vh_r = torch.linalg.svd(R.double())
+    U_r, S, Vh_r = U_r.to(W.dtype), S.to(W.dtype), Vh_r.to(W.dtype)
+    # W^T Q = (Q_b U_r) S Vh_r  =>  Q^T W = Vh_r^T S (Q_b U_r)^T
+    return torch.bmm(Q, Vh_r.mT), S, torch.bmm(Q_b, U_r).mT
+
+
+def _t_times(Q: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """W^T Q as the transpose of Q^T W, which reads W in its own (row-major) layout."""
+    return torch.bmm(Q.mT, W).mT
 
 
 def smooth_values(S: torch.Tensor, k: torch.Tensor, smooth: str, strength: float) -> torch.Tensor:
@@ -75,9 +87,9 @@ def smooth_values(S: torch.Tensor, k: torch.Tensor, smooth: str, strength: float
     return torch.where(active, S + strength * (target - S), S)
 
 
-def corrected(W: torch.Tensor, U: torch.Tensor, delta: torch.Tensor, Vh: torch.Tensor):
-    """W + U diag(delta) Vh for each matrix of the batch (a rank-l correction, fp32)."""
-    return torch.baddbmm(W, U * delta[:, None, :], Vh)
+def correct_(W: torch.Tensor, U: torch.Tensor, delta: torch.Tensor, Vh: torch.Tensor):
+    """W += U diag(delta) Vh for each matrix of the batch, in place (a rank-l correction)."""
+    return W.baddbmm_(U * delta[:, None, :], Vh)
 
 
 def subspace_width(k_max: int, oversample: int, m: int, n: int) -> int:
