@@ -61,7 +61,8 @@ def train(opt_name, use_pss, seed, args, data, progress):
     model = DigitTransformer()
     opt_cls = SAdam if opt_name == "SAdam" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=0.0)
-    pss = PSS(model, tau=args.tau, warmup=args.warmup, smooth=args.smooth) if use_pss else None
+    pss = (PSS(model, tau=args.tau, warmup=args.warmup, smooth=args.smooth, every=args.every)
+           if use_pss else None)
     # linear learning-rate warm-up (as transformers are trained): the instability then appears
     # mid-run, after the trigger's own warm-up, instead of at the first step
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -86,7 +87,7 @@ def train(opt_name, use_pss, seed, args, data, progress):
         t4 = time.perf_counter()
         pss_time += (t2 - t1) + (t4 - t3)
         total_time += t4 - t0
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step % args.sigma_every == 0 or step == 1:
             sigmas.append((step, top_sigma(model)))
         progress.update(1)
@@ -156,7 +157,8 @@ def main(argv=None):
     ap.add_argument("--lr-warmup", type=int, default=50)
     ap.add_argument("--tau", type=float, default=2.5)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--smooth", default="log")
+    ap.add_argument("--smooth", default="log", choices=["log", "sqrt", "clip"])
+    ap.add_argument("--every", type=int, default=None, help="also smooth every N steps")
     ap.add_argument("--sigma-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="pss_demo_out")

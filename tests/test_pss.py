@@ -321,3 +321,17 @@ def test_sharded_parameters_match_plain_ones(single_rank_mesh):
     a.smooth_now(), b.smooth_now()
     for p, q in zip(plain, sharded):
         torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- demo
+def test_demo_runs_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from sadam import pss_demo
+    rows = pss_demo.main(["--seeds", "1", "--steps", "8", "--warmup", "2", "--every", "3",
+                          "--out", str(tmp_path)])
+    assert [r["config"] for r in rows] == ["AdamW", "AdamW+PSS", "SAdam", "SAdam+PSS"]
+    with_pss = [r for r in rows if "PSS" in r["config"]]
+    assert all(r["fired_fraction"] >= 2 / 8 for r in with_pss)   # every=3: steps 3 and 6
+    assert (tmp_path / "pss_demo.png").stat().st_size > 10_000
