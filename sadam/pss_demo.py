@@ -68,7 +68,7 @@ def train(opt_name, use_pss, seed, args, data, progress):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / args.lr_warmup) if args.lr_warmup else 1.0)
     batches = torch.Generator().manual_seed(1000 + seed)
-    losses, sigmas, fired, pss_time, total_time = [], [], [], 0.0, 0.0
+    losses, sigmas, fired, gammas, pss_time, total_time = [], [], [], [], 0.0, 0.0
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         idx = torch.randint(0, len(Xtr), (args.batch,), generator=batches)
@@ -88,13 +88,16 @@ def train(opt_name, use_pss, seed, args, data, progress):
         pss_time += (t2 - t1) + (t4 - t3)
         total_time += t4 - t0
         losses.append(float(loss.detach()))
+        if opt_name == "SAdam":  # the damping SAdam applied (its step is AdamW's times gamma)
+            gammas.append(float(opt.damping_factors()[0]))
         if step % args.sigma_every == 0 or step == 1:
             sigmas.append((step, top_sigma(model)))
         progress.update(1)
     with torch.no_grad():
         acc = float((model(Xte).argmax(1) == yte).float().mean())
     return dict(optimizer=opt_name, pss=use_pss, seed=seed, losses=losses, sigmas=sigmas,
-                fired=fired, test_acc=acc if math.isfinite(losses[-1]) else 0.0,
+                fired=fired, mean_gamma=sum(gammas) / len(gammas) if gammas else None,
+                test_acc=acc if math.isfinite(losses[-1]) else 0.0,
                 pss_seconds=pss_time, total_seconds=total_time)
 
 
@@ -107,12 +110,13 @@ def summarize(runs, args):
     rows = []
     for name, use_pss in CONFIGS:
         sel = [r for r in runs if r["optimizer"] == name.split("+")[0] and r["pss"] == use_pss]
-        final = [sum(r["losses"][-20:]) / 20 for r in sel]
+        final = [sum(r["losses"][-20:]) / len(r["losses"][-20:]) for r in sel]
         rows.append(dict(
             config=name, seeds=len(sel),
             diverged=sum(failed(r["losses"]) for r in sel),
             peak_loss=[max(r["losses"]) for r in sel], final_loss=final,
             test_acc=[r["test_acc"] for r in sel],
+            mean_gamma=[r["mean_gamma"] for r in sel],
             fired_fraction=sum(len(r["fired"]) for r in sel) / (len(sel) * args.steps),
             first_fired=[r["fired"][:3] for r in sel],
             # time in observe()+step() over the rest of the training step
@@ -182,6 +186,8 @@ def main(argv=None):
               f"peak loss {' '.join(f'{x:.3g}' for x in row['peak_loss'])}  "
               f"final loss {' '.join(f'{x:.3f}' for x in row['final_loss'])}  "
               f"test acc {' '.join(f'{x:.3f}' for x in row['test_acc'])}  "
+              + (f"mean gamma {' '.join(f'{x:.3f}' for x in row['mean_gamma'])}  "
+                 if row["config"].startswith("SAdam") else "")
               + (f"PSS fired on {100 * row['fired_fraction']:.2f}% of steps, time overhead "
                  f"{100 * row['pss_overhead']:.2f}%" if "PSS" in row["config"] else ""))
     return rows
