@@ -55,14 +55,21 @@ def top_sigma(model):
                    for p in model.parameters() if p.ndim >= 2)
 
 
+def reset_momentum(opt):
+    """Zero the first moments (an ablation: PSS itself leaves the optimizer state alone)."""
+    for state in opt.state.values():
+        if "exp_avg" in state:
+            state["exp_avg"].zero_()
+
+
 def train(opt_name, use_pss, seed, args, data, progress):
     (Xtr, ytr), (Xte, yte) = data
     torch.manual_seed(seed)
     model = DigitTransformer()
     opt_cls = SAdam if opt_name == "SAdam" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=0.0)
-    pss = (PSS(model, tau=args.tau, warmup=args.warmup, smooth=args.smooth, every=args.every)
-           if use_pss else None)
+    pss = (PSS(model, tau=args.tau, warmup=args.warmup, smooth=args.smooth,
+               strength=args.strength, every=args.every) if use_pss else None)
     # linear learning-rate warm-up (as transformers are trained): the instability then appears
     # mid-run, after the trigger's own warm-up, instead of at the first step
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -84,6 +91,8 @@ def train(opt_name, use_pss, seed, args, data, progress):
         sched.step()
         if pss is not None and pss.step() is not None:
             fired.append(step)
+            if args.reset_momentum:
+                reset_momentum(opt)
         t4 = time.perf_counter()
         pss_time += (t2 - t1) + (t4 - t3)
         total_time += t4 - t0
@@ -141,8 +150,11 @@ def plot(runs, path, args):
         ax_sig.plot(s_steps, s_vals, color=colors[name], lw=0.8, alpha=0.8, label=label)
         for t in r["fired"]:
             ax_sig.axvline(t, color=colors[name], lw=0.5, alpha=0.3, ls=":")
+    pss_desc = f"PSS {args.smooth}" + (f" strength {args.strength}" if args.strength != 1 else "")
+    pss_desc += f", every {args.every}" if args.every else ""
+    pss_desc += ", momentum reset on firing" if args.reset_momentum else ""
     ax_loss.set(yscale="log", xlabel="step", ylabel="train loss (minibatch)",
-                title=f"digits, pre-LN transformer, lr={args.lr}, {args.seeds} seeds")
+                title=f"digits transformer, lr={args.lr}, {args.seeds} seeds; {pss_desc}")
     ax_sig.set(yscale="log", xlabel="step", ylabel="max sigma_1 over weight matrices",
                title="top singular value (dotted: PSS fired)")
     ax_loss.legend()
@@ -162,7 +174,11 @@ def main(argv=None):
     ap.add_argument("--tau", type=float, default=2.5)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--smooth", default="log", choices=["log", "sqrt", "clip"])
+    ap.add_argument("--strength", type=float, default=1.0,
+                    help="0 keeps the trigger (and --reset-momentum) but changes no weight")
     ap.add_argument("--every", type=int, default=None, help="also smooth every N steps")
+    ap.add_argument("--reset-momentum", action="store_true",
+                    help="ablation: zero the optimizer's first moments whenever PSS fires")
     ap.add_argument("--sigma-every", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="pss_demo_out")
