@@ -80,7 +80,7 @@ class PSS:
     Usage::
 
         pss = PSS(model)
-        loss.backward(); pss.observe()
+        loss.backward(); pss.observe()     # a device bool: smoothing is due (no sync)
         optimizer.step(); report = pss.step()
 
     Args:
@@ -148,26 +148,32 @@ class PSS:
         return self._trigger.step
 
     def observe(self) -> torch.Tensor:
-        """Read the gradient norm of this step; returns this step's spike flag (a device bool).
+        """Read the gradient norm of this step; returns whether smoothing is due (a device bool).
 
-        Call after ``backward()`` (and after unscaling the gradients under AMP). Evaluating the
-        returned tensor as a Python bool syncs; ``step()`` does not need it.
+        Due means a spike was seen and not yet smoothed, or this is a periodic step. Call after
+        ``backward()`` (and after unscaling the gradients under AMP). Evaluating the returned
+        tensor as a Python bool syncs; ``step()`` does not need it.
         """
         grads = [p.grad for _, p in self.params if p.grad is not None]
         if not grads:
             raise RuntimeError("PSS.observe() found no gradients; call it after backward()")
         with torch.no_grad():
-            return self._trigger.observe(grad_norm(grads))
+            self._trigger.observe(grad_norm(grads))
+            pending = self._trigger.pending
+            return torch.ones_like(pending) if self._periodic_due() else pending.clone()
+
+    def _periodic_due(self) -> bool:
+        t, every = self._trigger.step, self.hparams["every"]
+        return every is not None and t > self._last_periodic and t % every == 0
 
     def step(self) -> Optional[SmoothingReport]:
         """Smooth the weights if a spike was seen or the period is due; the report, or None."""
-        t, every = self._trigger.step, self.hparams["every"]
-        periodic = every is not None and t > self._last_periodic and t % every == 0
+        periodic = self._periodic_due()
         spike = bool(self._trigger.mirror.poll())
         if not (spike or periodic):
             return None
         if periodic:
-            self._last_periodic = t
+            self._last_periodic = self._trigger.step
         return self._smooth("spike" if spike else "every")
 
     def smooth_now(self) -> SmoothingReport:

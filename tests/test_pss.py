@@ -137,13 +137,17 @@ def grad_series(seed=0, n=90):
     return series
 
 
-def drive(pss, params, norms):
-    """Give ``params`` gradients whose global norm is ``norms[t]``; yield step()'s result."""
+def drive(pss, params, norms, due=None):
+    """Give ``params`` gradients whose global norm is ``norms[t]``; yield step()'s result.
+
+    ``due`` collects what observe() returned, read after the step (a sync, test only)."""
     for g in norms:
         for p in params:
             p.grad = torch.full_like(p, g / math.sqrt(sum(q.numel() for q in params)))
-        pss.observe()
+        flag = pss.observe()
         yield pss.step()
+        if due is not None:
+            due.append(bool(flag))
 
 
 def spiky_params():
@@ -157,8 +161,11 @@ def test_trigger_fires_exactly_on_spikes_never_in_warmup():
     assert set(expected) == {35, 60, 75, 81}   # the series is built for this
     params = spiky_params()
     pss = PSS(params, tau=2.5, beta=0.9, warmup=20)
-    fired = {t: r for t, r in enumerate(drive(pss, params, series), start=1) if r is not None}
+    due = []
+    fired = {t: r for t, r in enumerate(drive(pss, params, series, due), start=1)
+             if r is not None}
     assert set(fired) == set(expected)
+    assert [t for t, d in enumerate(due, start=1) if d] == sorted(expected)
     for t, report in fired.items():
         assert report.reason == "spike" and report.spike_step == t and report.step == t
         assert report.ratio == pytest.approx(expected[t], rel=1e-5)
@@ -179,9 +186,11 @@ def test_non_finite_norm_stays_out_of_the_ema():
 def test_every_mode_fires_on_its_period_besides_spikes():
     params = spiky_params()
     pss = PSS(params, tau=1e6, warmup=20, every=10)
-    reports = list(drive(pss, params, [1.0] * 35))
+    due = []
+    reports = list(drive(pss, params, [1.0] * 35, due))
     fired = [t for t, r in enumerate(reports, start=1) if r is not None]
     assert fired == [10, 20, 30]
+    assert [t for t, d in enumerate(due, start=1) if d] == [10, 20, 30]
     assert all(r.reason == "every" for r in pss.history)
 
 
