@@ -103,9 +103,10 @@ class PSS:
     Host synchronization: ``observe()`` never waits for the device (the norm, the EMA and the flag
     stay on device; the flag is copied to pinned host memory without blocking). ``step()`` reads
     that host copy only once it has arrived (an event query, no wait); on CUDA a spike is therefore
-    acted on at the first ``step()`` after its flag landed, usually the same or the next step. A
-    smoothing itself syncs (the ranks k decide the shapes, and the report is read), as do
-    ``smooth_now()`` and ``state_dict()``.
+    acted on at the first ``step()`` after its flag landed, usually the same or the next step (the
+    flag stays set until a smoothing, so no spike is lost). A smoothing syncs once per group of
+    same-shaped matrices (the largest k sets the width of the range finder) and once to read its
+    report; ``smooth_now()`` and ``state_dict()`` sync too.
 
     Optimizer state (moments) is not changed by a smoothing. Under FSDP2 the gradient norm sums
     the squares of the shard norms with one all-reduce, and a smoothing gathers each sharded matrix
