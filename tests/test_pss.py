@@ -1,0 +1,346 @@
+"""PSS against independent oracles: torch.linalg.svd, a plain-Python trigger, an uninterrupted run."""
+import copy
+import math
+
+import pytest
+import torch
+
+from sadam.pss import PSS
+
+TAIL = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+
+
+def with_spectrum(m, n, top, seed=0, dtype=torch.float32):
+    """An m x n matrix with singular values ``top`` followed by a small tail (random vectors)."""
+    g = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    s = torch.tensor((list(top) + TAIL * r)[:r], dtype=torch.float64)
+    U = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    return (U * s) @ V.T, s
+
+
+def oracle_rank(s, max_rank):
+    srank = float((s ** 2).sum() / s[0] ** 2)
+    assert 0.1 < srank % 1 < 0.9, "test spectrum too close to an integer stable rank"
+    return min(max_rank, max(1, math.floor(srank)), len(s) - 1)
+
+
+def smoothed(s, s_ref, smooth, strength):
+    f = {"log": s_ref * (1 + math.log(s / s_ref)), "sqrt": s_ref * math.sqrt(s / s_ref),
+         "clip": s_ref}[smooth]
+    return s + strength * (f - s)
+
+
+# ------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("smooth", ["log", "sqrt", "clip"])
+@pytest.mark.parametrize("strength", [1.0, 0.4])
+@pytest.mark.parametrize("shape,max_rank", [((24, 14), 16), ((14, 24), 2), ((6, 3, 2, 2), 16)])
+def test_smoothing_matches_svd_oracle(smooth, strength, shape, max_rank):
+    m, n = shape[0], math.prod(shape[1:])
+    W0, s = with_spectrum(m, n, [10, 9, 8, 7, 6])
+    param = torch.nn.Parameter(W0.float().reshape(shape).clone())
+    report = PSS([param], max_rank=max_rank, smooth=smooth, strength=strength).smooth_now()
+
+    k = oracle_rank(s, max_rank)
+    expected = s.clone()
+    for i in range(k):
+        expected[i] = smoothed(float(s[i]), float(s[k]), smooth, strength)
+    W1 = param.detach().double().reshape(m, n)
+    got = torch.linalg.svdvals(W1)
+    assert report.matrices[0].k == k
+    torch.testing.assert_close(got, expected.sort(descending=True).values, rtol=1e-3, atol=1e-4)
+    # singular vectors kept: the change lives in span(U_k) x span(V_k) and is diagonal there
+    U, _, Vh = torch.linalg.svd(W0, full_matrices=False)
+    Uk, Vk = U[:, :k], Vh[:k].T
+    torch.testing.assert_close(Uk.T @ W1 @ Vk, torch.diag(expected[:k]), rtol=1e-3, atol=1e-4)
+    rest = W1 - (Uk * expected[:k]) @ Vk.T
+    torch.testing.assert_close(rest, W0 - (Uk * s[:k]) @ Vk.T, rtol=0, atol=1e-4)
+    assert report.matrices[0].sigma1_before == pytest.approx(float(s[0]), rel=1e-4)
+    assert report.matrices[0].sigma1_after == pytest.approx(float(expected[0]), rel=1e-3)
+
+
+def test_vectors_and_degenerate_matrices_are_left_alone():
+    bias = torch.nn.Parameter(torch.randn(5))
+    row = torch.nn.Parameter(torch.randn(1, 8))           # min side 1: no sigma_{k+1}
+    zero = torch.nn.Parameter(torch.zeros(6, 4))
+    before = [t.detach().clone() for t in (bias, row, zero)]
+    report = PSS([bias, row, zero]).smooth_now()
+    assert [r.name for r in report.matrices] == ["param2"]
+    for t, b in zip((bias, row, zero), before):
+        assert torch.equal(t.detach(), b)
+
+
+def test_batched_equals_unbatched():
+    layers = [torch.nn.Parameter(with_spectrum(20, 12, [10, 8, 7], seed=i)[0].float())
+              for i in range(3)]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in layers]
+    PSS(layers, smooth="log").smooth_now()
+    for p in alone:
+        PSS([p], smooth="log").smooth_now()
+    for p, q in zip(layers, alone):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_weights_are_smoothed_in_place_in_their_dtype():
+    W0, s = with_spectrum(32, 16, [10, 9, 8, 7, 6])
+    p16 = torch.nn.Parameter(W0.to(torch.bfloat16))
+    p32 = torch.nn.Parameter(p16.detach().float())
+    ptr = p16.data_ptr()
+    PSS([p16]).smooth_now()
+    PSS([p32]).smooth_now()
+    assert p16.dtype == torch.bfloat16 and p16.data_ptr() == ptr
+    torch.testing.assert_close(torch.linalg.svdvals(p16.detach().float()),
+                               torch.linalg.svdvals(p32.detach()), rtol=2e-2, atol=2e-2)
+    assert float(torch.linalg.svdvals(p16.detach().float())[0]) < float(s[0]) - 0.5
+
+
+def test_optimizer_state_is_untouched():
+    model = torch.nn.Linear(12, 20)
+    with torch.no_grad():
+        model.weight.copy_(with_spectrum(20, 12, [10, 9, 8])[0])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 12)).square().sum().backward()
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    w = model.weight.detach().clone()
+    PSS(model).smooth_now()
+    assert not torch.equal(model.weight.detach(), w)
+    for key, value in opt.state_dict()["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(value[name], state["state"][key][name])
+
+
+# --------------------------------------------------------------------------------- trigger
+def oracle_spikes(series, tau, beta, warmup):
+    """Plain-Python reading of the trigger: which steps (1-based) spike, and their ratios."""
+    ema, count, out = 0.0, 0, {}
+    for t, g in enumerate(series, start=1):
+        prev = ema / (1 - beta ** count) if count else math.inf
+        finite = math.isfinite(g)
+        if t > warmup and (not finite or g > tau * prev):
+            out[t] = g / prev if finite else math.inf
+        if finite:
+            ema, count = beta * ema + (1 - beta) * g, count + 1
+    return out
+
+
+def grad_series(seed=0, n=90):
+    g = torch.Generator().manual_seed(seed)
+    series = (1.0 + 0.1 * torch.rand(n, generator=g)).tolist()
+    series[19] = 20.0    # last warm-up step: must not fire
+    series[34] = 4.0     # spikes
+    series[35] = 3.5     # right after a spike that entered the EMA: below tau * n
+    series[59] = 6.0
+    series[74] = float("nan")
+    series[80] = float("inf")
+    return series
+
+
+def drive(pss, params, norms, due=None):
+    """Give ``params`` gradients whose global norm is ``norms[t]``; yield step()'s result.
+
+    ``due`` collects what observe() returned, read after the step (a sync, test only)."""
+    for g in norms:
+        for p in params:
+            p.grad = torch.full_like(p, g / math.sqrt(sum(q.numel() for q in params)))
+        flag = pss.observe()
+        yield pss.step()
+        if due is not None:
+            due.append(bool(flag))
+
+
+def spiky_params():
+    return [torch.nn.Parameter(with_spectrum(10, 6, [5, 4])[0].float()),
+            torch.nn.Parameter(torch.zeros(4))]
+
+
+def test_trigger_fires_exactly_on_spikes_never_in_warmup():
+    series = grad_series()
+    expected = oracle_spikes(series, tau=2.5, beta=0.9, warmup=20)
+    assert set(expected) == {35, 60, 75, 81}   # the series is built for this
+    params = spiky_params()
+    pss = PSS(params, tau=2.5, beta=0.9, warmup=20)
+    due = []
+    fired = {t: r for t, r in enumerate(drive(pss, params, series, due), start=1)
+             if r is not None}
+    assert set(fired) == set(expected)
+    assert [t for t, d in enumerate(due, start=1) if d] == sorted(expected)
+    for t, report in fired.items():
+        assert report.reason == "spike" and report.spike_step == t and report.step == t
+        assert report.ratio == pytest.approx(expected[t], rel=1e-5)
+    assert pss.history == list(fired.values())
+
+
+def test_non_finite_norm_stays_out_of_the_ema():
+    params = spiky_params()
+    pss = PSS(params, beta=0.9, warmup=0)
+    list(drive(pss, params, [1.0, 2.0, 3.0]))
+    before = pss._trigger.average().clone()
+    list(drive(pss, params, [float("nan"), float("inf")]))
+    assert torch.equal(pss._trigger.average(), before)
+    expected = (0.9 * 0.1 * 2 + 0.81 * 0.1 * 1 + 0.1 * 3) / (1 - 0.9 ** 3)
+    assert float(before) == pytest.approx(expected, rel=1e-6)
+
+
+def test_every_mode_fires_on_its_period_besides_spikes():
+    params = spiky_params()
+    pss = PSS(params, tau=1e6, warmup=20, every=10)
+    due = []
+    reports = list(drive(pss, params, [1.0] * 35, due))
+    fired = [t for t, r in enumerate(reports, start=1) if r is not None]
+    assert fired == [10, 20, 30]
+    assert [t for t, d in enumerate(due, start=1) if d] == [10, 20, 30]
+    assert all(r.reason == "every" for r in pss.history)
+
+
+# ---------------------------------------------------------------------------- host syncs
+def test_no_host_read_of_device_state_when_nothing_fires(monkeypatch):
+    """observe() reads nothing on the host; step() reads only the flag's host mirror."""
+    params = spiky_params()
+    pss = PSS(params, warmup=2)
+    list(drive(pss, params, [1.0, 1.0, 1.0]))
+    reads = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            reads.append((name, self))
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy"):
+        spy(name)
+    for p in params:
+        p.grad = torch.full_like(p, 0.1)
+    pss.observe()
+    assert reads == []
+    assert pss.step() is None
+    assert [(n, t is pss._trigger.mirror.host) for n, t in reads] == [("__bool__", True)]
+    reads.clear()
+    for p in params:
+        p.grad = torch.full_like(p, 100.0)
+    pss.observe()
+    assert reads == []
+    assert pss.step() is not None           # a firing step reads device values (the spy works)
+    assert any(t is not pss._trigger.mirror.host for _, t in reads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_cuda_sync_when_nothing_fires():
+    model = torch.nn.Linear(16, 32).cuda()
+    pss = PSS(model, warmup=2)
+    x = torch.randn(8, 16, device="cuda")
+    for _ in range(3):
+        model(x).square().mean().backward()
+        pss.observe()
+        pss.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            model.zero_grad()
+            model(x).square().mean().backward()
+            pss.observe()
+            assert pss.step() is None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------- state
+def test_state_dict_round_trip_continues_like_an_uninterrupted_run():
+    series = grad_series(seed=1)
+    params = spiky_params()
+    pss = PSS(params, tau=2.5, beta=0.9, warmup=20, every=25)
+    gen = drive(pss, params, series)
+    for _ in range(50):
+        next(gen)
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(pss.state_dict())
+    list(gen)
+
+    params2 = [torch.nn.Parameter(p) for p in saved_params]
+    resumed = PSS(params2, tau=2.5, beta=0.9, warmup=20, every=25)
+    resumed.load_state_dict(saved)
+    list(drive(resumed, params2, series[50:]))
+    assert [r.step for r in resumed.history] == [r.step for r in pss.history]
+    assert resumed.history == pss.history
+    for p, q in zip(params, params2):
+        assert torch.equal(p.detach(), q.detach())
+    with pytest.raises(ValueError, match="hparams"):
+        PSS(params2, tau=3.0).load_state_dict(saved)
+
+
+# ---------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(tau=0), "tau"), (dict(tau=float("inf")), "tau"), (dict(beta=1.0), "beta"),
+    (dict(warmup=-1), "warmup"), (dict(max_rank=0), "max_rank"), (dict(oversample=0),
+                                                                   "oversample"),
+    (dict(power_iters=1.5), "power_iters"), (dict(smooth="tanh"), "smooth"),
+    (dict(strength=1.5), "strength"), (dict(every=0), "every"), (dict(seed=-1), "seed"),
+    (dict(tau="2"), "tau"),
+])
+def test_bad_arguments_are_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PSS(torch.nn.Linear(4, 4), **kwargs)
+
+
+def test_bad_params_are_named():
+    with pytest.raises(ValueError, match="params_or_module"):
+        PSS([])
+    with pytest.raises(ValueError, match="params_or_module"):
+        PSS(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="params_or_module"):
+        PSS([torch.zeros(3, 3, dtype=torch.int64)])
+    with pytest.raises(RuntimeError, match="backward"):
+        PSS(torch.nn.Linear(3, 3)).observe()
+
+
+# --------------------------------------------------------------------------- FSDP2 layout
+@pytest.fixture
+def single_rank_mesh(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_parameters_match_plain_ones(single_rank_mesh):
+    """Shard(0) DTensors (the FSDP2 layout): all-reduced norm and gathered smoothing."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    plain = [torch.nn.Parameter(with_spectrum(20, 12, [10, 9, 8], seed=i)[0].float())
+             for i in range(2)] + [torch.nn.Parameter(torch.randn(12))]
+    placements = [[Shard(0)], [Replicate()], [Shard(0)]]
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), single_rank_mesh, pl))
+               for p, pl in zip(plain, placements)]
+    for p, q in zip(plain, sharded):
+        p.grad = torch.randn_like(p)
+        q.grad = distribute_tensor(p.grad.clone(), single_rank_mesh, q.placements)
+    a, b = PSS(plain, warmup=0), PSS(sharded, warmup=0)
+    a.observe(), b.observe()
+    torch.testing.assert_close(b._trigger.ema, a._trigger.ema)
+    a.smooth_now(), b.smooth_now()
+    for p, q in zip(plain, sharded):
+        torch.testing.assert_close(q.full_tensor(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- demo
+def test_demo_runs_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    from sadam import pss_demo
+    rows = pss_demo.main(["--seeds", "1", "--steps", "8", "--warmup", "2", "--every", "3",
+                          "--out", str(tmp_path)])
+    assert [r["config"] for r in rows] == ["AdamW", "AdamW+PSS", "SAdam", "SAdam+PSS"]
+    with_pss = [r for r in rows if "PSS" in r["config"]]
+    assert all(r["fired_fraction"] >= 2 / 8 for r in with_pss)   # every=3: steps 3 and 6
+    assert (tmp_path / "pss_demo.png").stat().st_size > 10_000
