@@ -14,7 +14,7 @@ venv: $(VENV)/.deps
 build: $(VENV)/.built
 
 # torch first (pinned), then the build tools the editable install needs without isolation.
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) ninja
