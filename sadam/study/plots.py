@@ -13,8 +13,8 @@ SADAM_PREFIX = "sadam_"
 def _smooth(values, window):
     t = torch.tensor(values, dtype=torch.float64)
     if len(t) < window:
-        return t
-    return torch.nn.functional.avg_pool1d(t[None, None], window, 1)[0, 0]
+        return t.numpy()
+    return torch.nn.functional.avg_pool1d(t[None, None], window, 1)[0, 0].numpy()
 
 
 def _mean_trace(runs, field, reduce_scopes=True):
@@ -74,7 +74,7 @@ def rho_heatmap(store, cfg, path, variant="sadam_grad_tensor"):
         if not runs:
             continue
         matrix = _mean_trace(runs, "rho", reduce_scopes=False).T  # (params, steps)
-        image = ax.imshow(matrix, aspect="auto", vmin=0, vmax=1, cmap="viridis",
+        image = ax.imshow(matrix.numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis",
                           interpolation="nearest")
         ax.set_yticks(range(len(runs[0]["param_names"])), runs[0]["param_names"], fontsize=6)
         ax.set_title(f"{task}: rho per tensor ({variant}, mean over seeds)", fontsize=8)

@@ -113,12 +113,14 @@ def run_study(cfg: StudyConfig) -> ResultStore:
     runner = Runner(store, cfg.jobs, bar)
     cancel = True
     try:
-        runner.run_all([RunSpec(t, o, lr, 0, cfg.steps_for(t)) for t in cfg.tasks
-                        for o in cfg.optimizers for lr in cfg.grid])
-        runner.run_all([RunSpec(t, o, picked_lr(store, cfg, t, o), s, cfg.steps_for(t))
-                        for t in cfg.tasks for o in cfg.optimizers for s in range(1, cfg.seeds)])
-        runner.run_all([RunSpec(t, c, control_lr(store, cfg, t, c), s, cfg.steps_for(t))
-                        for t in cfg.tasks for c in cfg.active_controls for s in range(cfg.seeds)])
+        for t in cfg.tasks:  # task by task, so an early stop leaves whole tasks done
+            steps = cfg.steps_for(t)
+            runner.run_all([RunSpec(t, o, lr, 0, steps) for o in cfg.optimizers
+                            for lr in cfg.grid])
+            runner.run_all([RunSpec(t, o, picked_lr(store, cfg, t, o), s, steps)
+                            for o in cfg.optimizers for s in range(1, cfg.seeds)])
+            runner.run_all([RunSpec(t, c, control_lr(store, cfg, t, c), s, steps)
+                            for c in cfg.active_controls for s in range(cfg.seeds)])
         cancel = False
     finally:
         runner.close(cancel=cancel)

@@ -1,0 +1,92 @@
+"""The study end to end on a tiny budget: records, resuming after an interruption, the CLI."""
+import json
+
+import pytest
+
+from sadam.study import study as study_module
+from sadam.study.__main__ import main
+from sadam.study.store import ResultStore
+from sadam.study.study import StudyConfig, run_study
+
+REAL_RUN = study_module.run
+
+
+def _tiny(out, **kw):
+    settings = dict(tasks=("hinge_mlp",), optimizers=("sadam_grad_group", "adamw"),
+                    controls=("adamw_ctl_grad",), grid=(1e-3, 1e-2), seeds=2, out=str(out),
+                    steps=4)
+    settings.update(kw)
+    return StudyConfig(**settings)
+
+
+def _count_runs(monkeypatch, fail_after=None):
+    calls = []
+
+    def counting_run(spec):
+        if fail_after is not None and len(calls) == fail_after:
+            raise KeyboardInterrupt
+        calls.append(spec.key)
+        return REAL_RUN(spec)
+
+    monkeypatch.setattr(study_module, "run", counting_run)
+    return calls
+
+
+def test_study_records_every_planned_run_with_its_measurements(tmp_path, monkeypatch):
+    cfg = _tiny(tmp_path)
+    calls = _count_runs(monkeypatch)
+    store = run_study(cfg)
+    # 2 optimizers x (2 lrs + 1 extra seed) + 1 control x 2 seeds
+    assert len(calls) == cfg.total_runs() == 8
+    lines = (tmp_path / "study.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and len(store.records) == 8
+    sadam_run = next(json.loads(x) for x in lines if json.loads(x)["optimizer"] == "sadam_grad_group")
+    assert len(sadam_run["rho"]) == 4 and len(sadam_run["gamma"][0]) == 1
+    assert 0 <= sadam_run["rho"][-1][0] <= 1 and sadam_run["backend"]
+    controls = [json.loads(x) for x in lines if json.loads(x)["optimizer"] == "adamw_ctl_grad"]
+    picked = study_module.picked_lr(store, cfg, "hinge_mlp", "sadam_grad_group")
+    gammas = [json.loads(x)["gamma"] for x in lines
+              if json.loads(x)["optimizer"] == "sadam_grad_group" and json.loads(x)["lr"] == picked]
+    mean_gamma = sum(g[0] for run in gammas for g in run) / sum(len(run) for run in gammas)
+    assert controls[0]["lr"] == pytest.approx(picked * mean_gamma, rel=1e-3)
+    assert mean_gamma < 1  # the control really runs at a smaller step than S-Adam's lr
+
+
+def test_interrupted_study_keeps_finished_runs_and_a_rerun_does_only_the_rest(tmp_path,
+                                                                               monkeypatch):
+    cfg = _tiny(tmp_path)
+    _count_runs(monkeypatch, fail_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cfg)
+    saved = ResultStore(str(tmp_path / "study.jsonl")).records
+    assert len(saved) == 3
+    with open(tmp_path / "study.jsonl", "a") as f:
+        f.write('{"key": "torn line')  # a write cut short by the interruption
+    calls = _count_runs(monkeypatch)
+    run_study(cfg)
+    assert len(calls) == 5 and not set(calls) & set(saved)
+    calls = _count_runs(monkeypatch)
+    run_study(cfg)
+    assert calls == []  # everything done: nothing reruns
+    assert len(ResultStore(str(tmp_path / "study.jsonl")).records) == 8
+
+
+def test_cli_quick_on_a_tiny_budget_prints_the_table_and_writes_the_plots(tmp_path, capsys):
+    assert main(["--quick", "--steps", "3", "--grid", "0.001,0.01", "--seeds", "2",
+                 "--optimizers", "sadam_grad_tensor,adamw", "--controls", "",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| qat2_digits | sadam_grad_tensor |" in printed and "| qat2_digits | adamw |" in printed
+    assert f"table: {tmp_path}/table.md" in printed
+    for name in ("accuracy", "rho_heatmap", "rho_gamma", "oscillation"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+        assert f"plot: {tmp_path}/{name}.png" in printed
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["optimizer"] for r in summary["rows"]} == {"sadam_grad_tensor", "adamw"}
+    assert all(r["seeds"] == 2 for r in summary["rows"])
+
+
+def test_cli_rejects_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["--optimizers", "adamw,lion"])
+    assert "lion" in capsys.readouterr().err
