@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) ninja
-	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib
+	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib mlxtend
 	touch $@
 
 # Builds the native extension from source (CPU kernel always, CUDA kernels where nvcc is found).
@@ -29,11 +29,17 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The quick study (minutes); the full one is `$(PY) -m sadam.study --jobs 2` (results/).
 demo: build
 	$(PY) -m sadam.study --quick
 
+# Results are named by machine (GPU model, else CPU model and cores): bench/results/<machine>.json
+# and the chart of time relative to torch's fused AdamW, bench/results/<machine>.png.
 bench: build
-	$(PY) -m pytest bench -q --benchmark-json=bench/results/local.json
+	mkdir -p bench/results
+	$(PY) -m pytest bench -q --benchmark-only \
+		--benchmark-json=bench/results/$$($(PY) bench/plot.py --machine-name).json
+	$(PY) bench/plot.py bench/results/$$($(PY) bench/plot.py --machine-name).json
 
 clean:
 	rm -rf build *.egg-info sadam/*.so .pytest_cache
