@@ -86,6 +86,20 @@ def test_cli_quick_on_a_tiny_budget_prints_the_table_and_writes_the_plots(tmp_pa
     assert all(r["seeds"] == 2 for r in summary["rows"])
 
 
+def test_report_only_summarizes_a_partial_result_file_without_training(tmp_path, monkeypatch,
+                                                                       capsys):
+    args = ["--quick", "--steps", "3", "--grid", "0.001,0.01", "--seeds", "2", "--controls", "",
+            "--optimizers", "sadam_grad_group,adamw", "--out", str(tmp_path), "--no-plots"]
+    _count_runs(monkeypatch, fail_after=3)  # stops inside adamw's grid: a partial file
+    assert main(args) == 130
+    capsys.readouterr()
+    calls = _count_runs(monkeypatch)
+    assert main(args + ["--report-only"]) == 0
+    printed = capsys.readouterr().out
+    assert calls == []
+    assert "| qat2_digits | sadam_grad_group |" in printed and "| qat2_digits | adamw |" in printed
+
+
 def test_cli_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["--optimizers", "adamw,lion"])

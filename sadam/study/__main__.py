@@ -8,6 +8,7 @@ import os
 import sys
 
 from . import optimizers, tasks
+from .store import ResultStore
 from .study import full_config, quick_config, run_study
 
 
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--out", help="result folder (default results/ or results/quick/)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--report-only", action="store_true",
+                   help="only summarize the runs already in the result file (no training)")
     args = p.parse_args(argv)
     for name in args.tasks or ():
         tasks.get(name)
@@ -54,7 +57,7 @@ def main(argv=None):
                grid=args.grid, seeds=args.seeds, steps=args.steps, jobs=args.jobs)
     os.makedirs(out, exist_ok=True)
     try:
-        store = run_study(cfg)
+        store = ResultStore(f"{out}/study.jsonl") if args.report_only else run_study(cfg)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are saved in {out}/study.jsonl; "
               "run the same command again to continue", file=sys.stderr)

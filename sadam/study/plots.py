@@ -58,7 +58,30 @@ def rho_gamma_traces(store, cfg, path):
                 ax.plot(_smooth(_mean_trace(runs, field).tolist(), 5), label=name, lw=1)
                 ax.set_title(f"{task}: {field} (mean over scopes and seeds)", fontsize=8)
                 ax.set_xlabel("step", fontsize=8)
-        row[0].legend(fontsize=6)
+        if row[0].lines:
+            row[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def rho_distributions(store, cfg, path):
+    """Histogram of the per-step rho of every S-Adam variant (all seeds pooled), per task."""
+    variants = [o for o in cfg.optimizers if o.startswith(SADAM_PREFIX)]
+    if not variants:
+        return False
+    fig, axes = plt.subplots(1, len(cfg.tasks), figsize=(3.6 * len(cfg.tasks), 3), squeeze=False)
+    for ax, task in zip(axes[0], cfg.tasks):
+        for name in variants:
+            _, runs = seed_runs(store, cfg, task, name)
+            values = [sum(v) / len(v) for r in runs for v in r["rho"][1:]]
+            if values:
+                ax.hist(values, bins=40, range=(0, 1), histtype="step", density=True, label=name)
+        ax.set_title(f"{task}: rho per step", fontsize=8)
+        ax.set_xlabel("rho", fontsize=8)
+    if axes[0][0].patches:
+        axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -116,9 +139,12 @@ def store_has_flips(store, cfg, task):
 def write_all(store, cfg, summary, out_dir):
     """Writes every figure that the study's contents allow; returns their paths."""
     paths = []
+    if not summary["rows"]:
+        return paths
     accuracy_bars(summary, f"{out_dir}/accuracy.png")
     paths.append(f"{out_dir}/accuracy.png")
-    for name, make in (("rho_gamma", rho_gamma_traces), ("rho_heatmap", rho_heatmap),
+    for name, make in (("rho_gamma", rho_gamma_traces), ("rho_hist", rho_distributions),
+                       ("rho_heatmap", rho_heatmap),
                        ("oscillation", oscillation_curves)):
         if make(store, cfg, f"{out_dir}/{name}.png"):
             paths.append(f"{out_dir}/{name}.png")

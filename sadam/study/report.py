@@ -15,6 +15,8 @@ def seed_runs(store, cfg, task, name):
     """The seed runs of optimizer or control ``name`` at its chosen lr, in seed order."""
     lr = control_lr(store, cfg, task, name) if name in optimizers.CONTROLS else \
         picked_lr(store, cfg, task, name)
+    if lr is None:
+        return None, []
     steps = cfg.steps_for(task)
     runs = [store.get(RunSpec(task, name, lr, s, steps).key) for s in range(cfg.seeds)]
     return lr, [r for r in runs if r is not None]

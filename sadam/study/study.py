@@ -47,11 +47,11 @@ def _score(record):
 
 
 def picked_lr(store, cfg, task, optimizer):
-    """The grid value with the best validation score for seed 0."""
+    """The grid value with the best validation score for seed 0 (None before any grid run)."""
     steps = cfg.steps_for(task)
-    scored = [(_score(store.get(RunSpec(task, optimizer, lr, 0, steps).key)), lr)
-              for lr in cfg.grid]
-    return max(scored)[1]
+    runs = [(store.get(RunSpec(task, optimizer, lr, 0, steps).key), lr) for lr in cfg.grid]
+    scored = [(_score(record), lr) for record, lr in runs if record is not None]
+    return max(scored)[1] if scored else None
 
 
 def mean_gamma(records):
@@ -64,8 +64,11 @@ def control_lr(store, cfg, task, control):
     source = optimizers.CONTROLS[control]
     lr = picked_lr(store, cfg, task, source)
     steps = cfg.steps_for(task)
+    if lr is None:
+        return None
     runs = [store.get(RunSpec(task, source, lr, s, steps).key) for s in range(cfg.seeds)]
-    return float(f"{lr * mean_gamma(runs):.4g}")
+    runs = [r for r in runs if r is not None]
+    return float(f"{lr * mean_gamma(runs):.4g}") if runs else None
 
 
 class Runner:
