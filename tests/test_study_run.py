@@ -104,3 +104,14 @@ def test_cli_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         main(["--optimizers", "adamw,lion"])
     assert "lion" in capsys.readouterr().err
+
+
+def test_timing_measures_every_optimizer_and_reports_the_ratio_to_adamw():
+    from sadam.study.timing import markdown, time_task
+    times = time_task("hinge_mlp", ("adamw", "sadam_grad_group"), chunks=2, chunk_steps=1,
+                      warmup=1)
+    assert set(times) == {"adamw", "sadam_grad_group"} and all(v > 0 for v in times.values())
+    table = markdown({"hinge_mlp": times})
+    assert "| hinge_mlp | adamw |" in table and "| 1.00 |" in table
+    ratio = times["sadam_grad_group"] / times["adamw"]
+    assert f"| {ratio:.2f} |" in table

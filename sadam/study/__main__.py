@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 
+from tqdm import tqdm
+
 from . import optimizers, tasks
 from .store import ResultStore
 from .study import full_config, quick_config, run_study
@@ -33,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--out", help="result folder (default results/ or results/quick/)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--timing", action="store_true",
+                   help="only measure time per step of each optimizer on each task, side by side")
     p.add_argument("--report-only", action="store_true",
                    help="only summarize the runs already in the result file (no training)")
     args = p.parse_args(argv)
@@ -49,6 +53,21 @@ def parse_args(argv=None):
     return args
 
 
+def _timing(cfg, out):
+    import json
+
+    from .timing import markdown, time_task
+    results = {task: time_task(task, cfg.optimizers) for task in tqdm(cfg.tasks, desc="timing")}
+    text = markdown(results)
+    with open(f"{out}/timing.md", "w") as f:
+        f.write(text)
+    with open(f"{out}/timing.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print(text)
+    print(f"timing table: {out}/timing.md")
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = args.out or ("results/quick" if args.quick else "results")
@@ -56,6 +75,8 @@ def main(argv=None):
     cfg = make(out, tasks=args.tasks, optimizers=args.optimizers, controls=args.controls,
                grid=args.grid, seeds=args.seeds, steps=args.steps, jobs=args.jobs)
     os.makedirs(out, exist_ok=True)
+    if args.timing:
+        return _timing(cfg, out)
     try:
         store = ResultStore(f"{out}/study.jsonl") if args.report_only else run_study(cfg)
     except KeyboardInterrupt:

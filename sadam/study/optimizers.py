@@ -11,7 +11,7 @@ from sadam import SAdam
 
 from .prox_sgd import ProxSGD
 
-LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 QUICK_LR_GRID = (1e-3, 3e-3, 1e-2)
 WEIGHT_DECAY = 1e-2
 LOSS_PROBE = dict(probes=4, probe_every=4)  # 2k forwards per probing: keeps the cost ~2x AdamW

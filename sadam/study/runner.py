@@ -48,17 +48,48 @@ def _sadam_backend(opt):
         .__name__.rsplit(".", 1)[-1]
 
 
-def run(spec: RunSpec) -> dict:
-    """Train, evaluate on validation and test, and return every measurement as a plain dict."""
+@dataclass
+class Setup:
+    """Everything one run trains: data, model, loss and optimizer, built from a seed."""
+    task: tasks.Task
+    data: datasets.Data
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    opt: torch.optim.Optimizer
+
+    def closure(self, x, y):
+        """The training closure; with ``backward=False`` it is a loss-probe evaluation (no
+        gradients, batch-norm style buffers left untouched)."""
+        model, loss_fn, opt = self.model, self.loss_fn, self.opt
+
+        def closure(backward=True):
+            if not backward:
+                with preserve_buffers(model):
+                    return loss_fn(model(x), y)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+        return closure
+
+
+def prepare(task_name: str, optimizer: str, lr: float, seed: int) -> Setup:
     torch.set_num_threads(1)  # runs are tiny; one thread each keeps timings comparable
-    task = tasks.get(spec.task)
+    task = tasks.get(task_name)
     data = datasets.load(task.dataset, task.label_noise)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     model = task.build_model(data)
     if task.bits:
         calibrate_activations(model, data.train.x[:256])
-    loss_fn = task.loss_fn()
-    opt = optimizers.build(spec.optimizer, model.parameters(), spec.lr, spec.seed)
+    opt = optimizers.build(optimizer, model.parameters(), lr, seed)
+    return Setup(task, data, model, task.loss_fn(), opt)
+
+
+def run(spec: RunSpec) -> dict:
+    """Train, evaluate on validation and test, and return every measurement as a plain dict."""
+    setup = prepare(spec.task, spec.optimizer, spec.lr, spec.seed)
+    task, data, model, loss_fn, opt = (setup.task, setup.data, setup.model, setup.loss_fn,
+                                       setup.opt)
     names = [n for n, _ in model.named_parameters()]
     watched = quantized_layers(model, task.bits) if task.bits else []
     meter = OscillationMeter() if watched else None
@@ -70,17 +101,7 @@ def run(spec: RunSpec) -> dict:
     batch_iter = tasks.batches(len(data.train.y), task.batch_size, spec.seed)
     for _ in range(spec.steps):
         idx = next(batch_iter)
-        x, y = data.train.x[idx], data.train.y[idx]
-
-        def closure(backward=True):
-            if not backward:  # a loss-probe evaluation: no gradients, buffers untouched
-                with preserve_buffers(model):
-                    return loss_fn(model(x), y)
-            opt.zero_grad()
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            return loss
-
+        closure = setup.closure(data.train.x[idx], data.train.y[idx])
         start = time.perf_counter()
         loss = float(opt.step(closure).detach())
         seconds += time.perf_counter() - start
