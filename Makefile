@@ -29,7 +29,7 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The quick study (minutes); the full one is `$(PY) -m sadam.study --jobs 2` (results/).
+# The quick study (minutes); the full one is `$(PY) -m sadam.study` (results/, under an hour).
 demo: build
 	$(PY) -m sadam.study --quick
 

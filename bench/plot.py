@@ -1,7 +1,7 @@
 """Chart of pytest-benchmark results: step time relative to torch's fused AdamW, per size.
 
-    python bench/plot.py bench/results/<machine>.json [more.json ...]   # writes <machine>.png
-    python bench/plot.py --machine-name                                  # the name `make bench` uses
+    python bench/plot.py bench/results/<machine>.json [more.json ...]    # writes <machine>.png
+    python bench/plot.py --machine-name    # the name `make bench` gives the files
 
 Convention for every benchmark in bench/ (read from ``benchmark.extra_info``):
 

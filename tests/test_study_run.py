@@ -40,13 +40,14 @@ def test_study_records_every_planned_run_with_its_measurements(tmp_path, monkeyp
     assert len(calls) == cfg.total_runs() == 8
     lines = (tmp_path / "study.jsonl").read_text().splitlines()
     assert len(lines) == 8 and len(store.records) == 8
-    sadam_run = next(json.loads(x) for x in lines if json.loads(x)["optimizer"] == "sadam_grad_group")
+    records = [json.loads(x) for x in lines]
+    sadam_run = next(r for r in records if r["optimizer"] == "sadam_grad_group")
     assert len(sadam_run["rho"]) == 4 and len(sadam_run["gamma"][0]) == 1
     assert 0 <= sadam_run["rho"][-1][0] <= 1 and sadam_run["backend"]
-    controls = [json.loads(x) for x in lines if json.loads(x)["optimizer"] == "adamw_ctl_grad"]
+    controls = [r for r in records if r["optimizer"] == "adamw_ctl_grad"]
     picked = study_module.picked_lr(store, cfg, "hinge_mlp", "sadam_grad_group")
-    gammas = [json.loads(x)["gamma"] for x in lines
-              if json.loads(x)["optimizer"] == "sadam_grad_group" and json.loads(x)["lr"] == picked]
+    gammas = [r["gamma"] for r in records
+              if r["optimizer"] == "sadam_grad_group" and r["lr"] == picked]
     mean_gamma = sum(g[0] for run in gammas for g in run) / sum(len(run) for run in gammas)
     assert controls[0]["lr"] == pytest.approx(picked * mean_gamma, rel=1e-3)
     assert mean_gamma < 1  # the control really runs at a smaller step than S-Adam's lr
@@ -72,8 +73,8 @@ def test_interrupted_study_keeps_finished_runs_and_a_rerun_does_only_the_rest(tm
 
 
 def test_cli_quick_on_a_tiny_budget_prints_the_table_and_writes_the_plots(tmp_path, capsys):
-    assert main(["--quick", "--steps", "3", "--grid", "0.001,0.01", "--seeds", "2",
-                 "--optimizers", "sadam_grad_tensor,adamw", "--controls", "",
+    assert main(["--quick", "--jobs", "1", "--steps", "3", "--grid", "0.001,0.01",
+                 "--seeds", "2", "--optimizers", "sadam_grad_tensor,adamw", "--controls", "",
                  "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| qat2_digits | sadam_grad_tensor |" in printed and "| qat2_digits | adamw |" in printed
@@ -88,8 +89,9 @@ def test_cli_quick_on_a_tiny_budget_prints_the_table_and_writes_the_plots(tmp_pa
 
 def test_report_only_summarizes_a_partial_result_file_without_training(tmp_path, monkeypatch,
                                                                        capsys):
-    args = ["--quick", "--steps", "3", "--grid", "0.001,0.01", "--seeds", "2", "--controls", "",
-            "--optimizers", "sadam_grad_group,adamw", "--out", str(tmp_path), "--no-plots"]
+    args = ["--quick", "--jobs", "1", "--steps", "3", "--grid", "0.001,0.01", "--seeds", "2",
+            "--controls", "", "--optimizers", "sadam_grad_group,adamw", "--out", str(tmp_path),
+            "--no-plots"]
     _count_runs(monkeypatch, fail_after=3)  # stops inside adamw's grid: a partial file
     assert main(args) == 130
     capsys.readouterr()

@@ -1,7 +1,7 @@
 """``python -m sadam.study``: S-Adam vs AdamW and the other baselines on non-smooth training.
 
     python -m sadam.study --quick            # the demo: 2-bit QAT digits CNN, 3 seeds, minutes
-    python -m sadam.study --jobs 2           # the full study (results/study.jsonl, resumable)
+    python -m sadam.study                    # the full study (results/study.jsonl, resumable)
 """
 import argparse
 import os
@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=_csv(float), help="learning-rate grid, comma separated")
     p.add_argument("--seeds", type=int, help="seeds per optimizer at the picked lr")
     p.add_argument("--steps", type=int, help="training steps of every run (overrides the tasks')")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs in parallel, one process and one thread each (default: up to 2)")
     p.add_argument("--out", help="result folder (default results/ or results/quick/)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--timing", action="store_true",

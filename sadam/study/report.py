@@ -1,4 +1,4 @@
-"""Summaries of the study's records: accuracy table, cost, rho / gamma distributions, oscillation."""
+"""Summaries of the study's records: accuracy, cost, rho / gamma distributions, oscillation."""
 import json
 import math
 import platform

@@ -78,7 +78,8 @@ class Runner:
         self.store, self.bar = store, bar
         self.pool = None
         if jobs > 1:
-            self.pool = cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+            context = multiprocessing.get_context("spawn")  # no fork of a process running torch
+            self.pool = cf.ProcessPoolExecutor(jobs, mp_context=context)
 
     def run_all(self, specs):
         todo = []
