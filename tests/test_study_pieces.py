@@ -93,3 +93,21 @@ def test_digits_split_is_disjoint_stratified_and_label_noise_touches_train_only(
     assert 0.15 < flipped < 0.25
     counts = torch.bincount(clean.val.y, minlength=10)
     assert counts.min() >= 34 and counts.max() <= 38
+
+
+def test_gamma_response_is_partial_correlation_given_the_current_gamma():
+    from sadam.study.report import _response
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    gamma_now = torch.rand(n, generator=g)
+    # events caused by the current gamma only (a larger step flips more weights): no response
+    caused = (2 * gamma_now + 0.1 * torch.randn(n, generator=g)).tolist()
+    noise = torch.randn(n, generator=g)
+    trace = [[v] for v in gamma_now.tolist()]
+    assert abs(_response(trace, caused)) < 0.2
+    # gamma_{t+1} = gamma_t - 0.5 * event_t + small noise: damping that reacts to the event
+    events = torch.rand(n, generator=g)
+    gammas = [0.5]
+    for t in range(n - 1):
+        gammas.append(gammas[-1] * 0.5 + 0.4 - 0.5 * float(events[t]) + 0.01 * float(noise[t]))
+    assert _response([[v] for v in gammas], events.tolist()) < -0.9

@@ -49,6 +49,21 @@ def _scope_mean(trace):
     return [sum(v) / len(v) for v in trace]
 
 
+def _residual(y, x):
+    """y minus its least-squares fit on x (with intercept)."""
+    design = torch.stack([torch.ones_like(x), x], 1)
+    coef = torch.linalg.lstsq(design, y[:, None]).solution
+    return y - (design @ coef)[:, 0]
+
+
+def _response(gamma_trace, events):
+    """Partial correlation of gamma_{t+1} and events_t given gamma_t (second half of training)."""
+    g = torch.tensor(_late(_scope_mean(gamma_trace)), dtype=torch.float64)
+    e = torch.tensor(_late(events), dtype=torch.float64)[: len(g) - 1]
+    now, following = g[: len(e)], g[1: len(e) + 1]
+    return _corr(_residual(following, now).tolist(), _residual(e, now).tolist())
+
+
 def _late(values):
     """The second half of a trace: oscillation is measured once training has settled."""
     return values[len(values) // 2:]
@@ -79,15 +94,15 @@ def summarize(store, cfg) -> dict:
                 row["rho_q"] = _quantiles(rho)
                 row["gamma_q"] = _quantiles(gamma)
                 row["gamma_mean"] = statistics.fmean(gamma)
-                # does the damping respond to the step's events (gamma of step t+1 vs step t)?
-                # Second half only, so the common early trend of both does not dominate.
+                # Does the damping respond to what step t did? gamma_{t+1} against the loss / flips
+                # of step t, both with the part explained by gamma_t removed: a larger gamma_t makes
+                # a larger step (more flips), and noisy gamma regresses to its mean, so a plain
+                # correlation would measure those effects. Second half of training only.
                 row["corr_gamma_loss"] = statistics.fmean(
-                    _corr(_late(_scope_mean(r["gamma"])[1:]), _late(r["loss"][:-1]))
-                    for r in runs)
+                    _response(r["gamma"], r["loss"]) for r in runs)
                 if runs[0]["flips"]:
                     row["corr_gamma_flips"] = statistics.fmean(
-                        _corr(_late(_scope_mean(r["gamma"])[1:]), _late(r["flips"][:-1]))
-                        for r in runs)
+                        _response(r["gamma"], r["flips"]) for r in runs)
             if name == "adamw":
                 adamw_ms = row["ms_per_step"]
             rows.append(row)
@@ -138,9 +153,10 @@ def markdown(summary) -> str:
                        f"{_fmt(r.get('time_vs_adamw'), '.2f')} |")
     probe_rows = [r for r in rows if "rho_q" in r]
     if probe_rows:
-        out += ["", "### rho and gamma over training (10th / 50th / 90th percentile of steps)", "",
+        out += ["", "### rho and gamma over training (10th / 50th / 90th percentile of steps; "
+                "correlations over the second half of training)", "",
                 "| task | optimizer | rho p10/p50/p90 | gamma p10/p50/p90 | mean gamma | "
-                "corr(gamma_t+1, loss_t), 2nd half | corr(gamma_t+1, flips_t), 2nd half |",
+                "corr(gamma_t+1, loss_t given gamma_t) | corr(gamma_t+1, flips_t given gamma_t) |",
                 "|---|---|---|---|---|---|---|"]
         for r in probe_rows:
             rq = "/".join(_fmt(v, ".2f") for v in r["rho_q"])
