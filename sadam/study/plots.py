@@ -55,8 +55,9 @@ def rho_gamma_traces(store, cfg, path):
             if not runs:
                 continue
             for ax, field in zip(row, ("rho", "gamma")):
-                ax.plot(_smooth(_mean_trace(runs, field).tolist(), 5), label=name, lw=1)
-                ax.set_title(f"{task}: {field} (mean over scopes and seeds)", fontsize=8)
+                ax.plot(_smooth(_mean_trace(runs, field).tolist(), 15), label=name, lw=1)
+                ax.set_title(f"{task}: {field} (mean over scopes and seeds, 15-step average)",
+                             fontsize=8)
                 ax.set_xlabel("step", fontsize=8)
         if row[0].lines:
             row[0].legend(fontsize=6)

@@ -110,10 +110,23 @@ def summarize(store, cfg) -> dict:
             if row["task"] == task and adamw_ms:
                 row["time_vs_adamw"] = row["ms_per_step"] / adamw_ms
     backends = sorted({r["backend"] for r in store.records.values() if r.get("backend")})
-    return dict(rows=rows, machine=machine(), sadam_backends=backends,
+    return dict(rows=rows, grid=grid_scores(store, cfg), machine=machine(),
+                sadam_backends=backends,
                 config=dict(tasks=cfg.tasks, optimizers=cfg.optimizers,
                             controls=cfg.active_controls, grid=cfg.grid, seeds=cfg.seeds,
                             steps={t: cfg.steps_for(t) for t in cfg.tasks}))
+
+
+def grid_scores(store, cfg):
+    """Validation accuracy of seed 0 at every grid learning rate: {task: {optimizer: [acc]}}."""
+    scores = {}
+    for task in cfg.tasks:
+        for name in cfg.optimizers:
+            runs = [store.get(RunSpec(task, name, lr, 0, cfg.steps_for(task)).key)
+                    for lr in cfg.grid]
+            scores.setdefault(task, {})[name] = [None if r is None else r["val_acc"]
+                                                  for r in runs]
+    return scores
 
 
 def machine() -> str:
@@ -151,6 +164,14 @@ def markdown(summary) -> str:
             out.append(f"| {task} | {r['optimizer']} | {r['lr']:.3g} | {acc}{div} | "
                        f"{100 * r['val_mean']:.2f} | {r['seeds']} | {r['ms_per_step']:.2f} | "
                        f"{_fmt(r.get('time_vs_adamw'), '.2f')} |")
+    grid = summary["config"]["grid"]
+    out += ["", "### Learning-rate sensitivity: validation accuracy of seed 0 over the grid", "",
+            "| task | optimizer | " + " | ".join(f"lr={lr:g}" for lr in grid) + " |",
+            "|---|---|" + "---|" * len(grid)]
+    for task, by_name in summary["grid"].items():
+        for name, accs in by_name.items():
+            cells = " | ".join("n/a" if a is None else f"{100 * a:.1f}" for a in accs)
+            out.append(f"| {task} | {name} | {cells} |")
     probe_rows = [r for r in rows if "rho_q" in r]
     if probe_rows:
         out += ["", "### rho and gamma over training (10th / 50th / 90th percentile of steps; "
