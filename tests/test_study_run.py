@@ -117,3 +117,12 @@ def test_timing_measures_every_optimizer_and_reports_the_ratio_to_adamw():
     assert "| hinge_mlp | adamw |" in table and "| 1.00 |" in table
     ratio = times["sadam_grad_group"] / times["adamw"]
     assert f"| {ratio:.2f} |" in table
+
+
+def test_progress_count_covers_exactly_the_planned_runs_already_done(tmp_path):
+    from sadam.study.study import known_plan
+    cfg = _tiny(tmp_path, controls=())
+    store = run_study(cfg)
+    assert sorted(known_plan(store, cfg)) == sorted(store.records)
+    more_seeds = _tiny(tmp_path, controls=(), seeds=3)  # one more seed per optimizer planned
+    assert sum(key in store for key in known_plan(store, more_seeds)) == cfg.total_runs()

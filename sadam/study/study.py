@@ -71,6 +71,23 @@ def control_lr(store, cfg, task, control):
     return float(f"{lr * mean_gamma(runs):.4g}") if runs else None
 
 
+def known_plan(store, cfg):
+    """Keys of the planned runs that the results so far determine (for the progress count)."""
+    keys = []
+    for t in cfg.tasks:
+        steps = cfg.steps_for(t)
+        keys += [RunSpec(t, o, lr, 0, steps).key for o in cfg.optimizers for lr in cfg.grid]
+        for o in cfg.optimizers:
+            lr = picked_lr(store, cfg, t, o)
+            if lr is not None:
+                keys += [RunSpec(t, o, lr, s, steps).key for s in range(1, cfg.seeds)]
+        for c in cfg.active_controls:
+            lr = control_lr(store, cfg, t, c)
+            if lr is not None:
+                keys += [RunSpec(t, c, lr, s, steps).key for s in range(cfg.seeds)]
+    return keys
+
+
 class Runner:
     """Runs specs not yet in the store, in this process or in a pool, recording each at once."""
 
@@ -110,9 +127,7 @@ def run_study(cfg: StudyConfig) -> ResultStore:
     """Run (or resume) the whole plan; returns the store with every record."""
     store = ResultStore(f"{cfg.out}/study.jsonl")
     total = cfg.total_runs()
-    names = set(cfg.optimizers) | set(cfg.active_controls)
-    done = sum(1 for r in store.records.values() if r["task"] in cfg.tasks
-               and r["optimizer"] in names and r["steps"] == cfg.steps_for(r["task"]))
+    done = sum(1 for key in known_plan(store, cfg) if key in store)
     bar = tqdm(total=total, initial=min(done, total), unit="run", desc="study", dynamic_ncols=True)
     runner = Runner(store, cfg.jobs, bar)
     cancel = True
