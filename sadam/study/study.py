@@ -99,16 +99,15 @@ class Runner:
             self.pool = cf.ProcessPoolExecutor(jobs, mp_context=context)
 
     def run_all(self, specs):
-        todo = []
+        pending = {}
         for spec in specs:
-            if spec.key in self.store or spec.key in {s.key for s in todo}:
-                continue
-            todo.append(spec)
+            if spec.key not in self.store:
+                pending.setdefault(spec.key, spec)
         if self.pool is None:
-            for spec in todo:
+            for spec in pending.values():
                 self._record(run(spec))
             return
-        futures = [self.pool.submit(run, spec) for spec in todo]
+        futures = [self.pool.submit(run, spec) for spec in pending.values()]
         for future in cf.as_completed(futures):
             self._record(future.result())
 
