@@ -102,10 +102,12 @@ def test_report_only_summarizes_a_partial_result_file_without_training(tmp_path,
     assert "| qat2_digits | sadam_grad_group |" in printed and "| qat2_digits | adamw |" in printed
 
 
-def test_cli_rejects_unknown_names(capsys):
+@pytest.mark.parametrize("option", ["--optimizers", "--tasks", "--controls"])
+def test_cli_rejects_unknown_names_naming_the_option(option, capsys):
     with pytest.raises(SystemExit):
-        main(["--optimizers", "adamw,lion"])
-    assert "lion" in capsys.readouterr().err
+        main([option, "lion"])
+    err = capsys.readouterr().err
+    assert option in err and "lion" in err
 
 
 def test_timing_measures_every_optimizer_and_reports_the_ratio_to_adamw():

@@ -42,7 +42,8 @@ def parse_args(argv=None):
                    help="only summarize the runs already in the result file (no training)")
     args = p.parse_args(argv)
     for name in args.tasks or ():
-        tasks.get(name)
+        if name not in tasks.TASKS:
+            p.error(f"--tasks: unknown {name!r}; choose from {list(tasks.TASKS)}")
     for name in args.optimizers or ():
         if name not in optimizers.OPTIMIZERS:
             p.error(f"--optimizers: unknown {name!r}; choose from {list(optimizers.OPTIMIZERS)}")
