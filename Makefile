@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) ninja
-	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib
+	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib mlxtend
 	# the Hugging Face Trainer drop-in test (tests/test_hf_trainer.py)
 	$(PIP) install -q transformers accelerate
 	touch $@
@@ -31,6 +31,7 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The quick study (minutes); the full one is `$(PY) -m sadam.study` (results/, under an hour).
 demo: build
 	$(PY) -m sadam.study --quick
 
@@ -38,8 +39,13 @@ demo: build
 soak: build
 	SADAM_SOAK=1 $(PY) -m pytest -q -m slow tests/test_soak.py
 
+# Results are named by machine (GPU model, else CPU model and cores): bench/results/<machine>.json
+# and the chart of time relative to torch's fused AdamW, bench/results/<machine>.png.
 bench: build
-	$(PY) -m pytest bench -q --benchmark-json=bench/results/local.json
+	mkdir -p bench/results
+	$(PY) -m pytest bench -q --benchmark-only \
+		--benchmark-json=bench/results/$$($(PY) bench/plot.py --machine-name).json
+	$(PY) bench/plot.py bench/results/$$($(PY) bench/plot.py --machine-name).json
 
 clean:
 	rm -rf build *.egg-info sadam/*.so .pytest_cache
