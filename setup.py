@@ -41,10 +41,11 @@ def _cuda_home():
     return None
 
 
-def _nvidia_wheel_includes():
-    """Headers shipped by the `nvidia-*` pip wheels torch depends on (cublas, cusparse, ...)."""
-    site = sysconfig.get_paths()["purelib"]
-    return sorted(glob.glob(os.path.join(site, "nvidia", "*", "include")))
+def _nvidia_wheel_includes(torch):
+    """Headers of the `nvidia-*` pip wheels installed beside torch (cusparse, cublas, ...)."""
+    sites = {os.path.dirname(os.path.dirname(torch.__file__)), sysconfig.get_paths()["purelib"]}
+    return sorted(set(sum((glob.glob(os.path.join(s, "nvidia", "*", "include")) for s in sites),
+                          [])))
 
 
 def native_extensions():
@@ -64,7 +65,7 @@ def native_extensions():
     if cuda_home and torch.version.cuda:
         ext = CUDAExtension(
             "sadam._C", sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
-            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(),
+            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(torch),
             define_macros=[("SADAM_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     else:
