@@ -60,7 +60,8 @@ def native_extensions():
 
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     capability = os.environ.get("SADAM_CPU_CAPABILITY", "avx2" if x86 else "default").lower()
-    cxx = ["-O3", "-Wno-unknown-pragmas"] + CPU_FLAGS[capability]  # cpp_extension adds the -std torch needs
+    # No FMA contraction: the kernel then rounds like the reference (separate mul and add).
+    cxx = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + CPU_FLAGS[capability]  # cpp_extension adds the -std torch needs
     sources = [os.path.join("csrc", s) for s in ("module.cpp", "cpu_kernels.cpp")]
     if cuda_home and torch.version.cuda:
         ext = CUDAExtension(

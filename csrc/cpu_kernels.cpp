@@ -269,7 +269,7 @@ at::Tensor update_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
     return run_group(jobs, pick(grads[0].scalar_type(), state, false, true, false), gmul, k,
                      stats.size(0), true);
   }
-  const float* h = hyper.data_ptr<float>();
+  const double* h = hyper.data_ptr<double>();
   const float* st = stats.data_ptr<float>();
   std::vector<float> new_steps(jobs.size());
   for (size_t i = 0; i < jobs.size(); ++i) {
@@ -303,7 +303,7 @@ void finalize_cpu(const at::Tensor& stats, const at::Tensor& d, const at::Tensor
   if (found_inf_set(found_inf)) return;
   const int k = static_cast<int>(d.size(1));
   const at::Tensor dc = d.contiguous();
-  const float damping = hyper.data_ptr<float>()[kDamping];
+  const float damping = static_cast<float>(hyper.data_ptr<double>()[kDamping]);
   for (int64_t row : rows)
     finalize_row(stats.data_ptr<float>() + row * stats.size(1), dc.data_ptr<float>() + row * k, k,
                  static_cast<float>(probe_beta), static_cast<float>(1.0 - probe_beta),

@@ -21,7 +21,7 @@ constexpr int kWarps = kThreads / 32;
 
 struct StepArgs {
   const float* stats;
-  const float* hyper;
+  const double* hyper;
   const float* grad_scale;  // null: none
   const float* found_inf;   // null: none
   float* partials;          // (total chunks, k) or null without probes
@@ -127,14 +127,14 @@ struct RowTable {
   int count;
 };
 
-__global__ void finalize_kernel(float* stats, const float* d, const float* hyper,
+__global__ void finalize_kernel(float* stats, const float* d, const double* hyper,
                                 const float* found_inf, RowTable table, int k, int width,
                                 float beta, float one_minus_beta, int window, int lag) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= table.count || (found_inf != nullptr && *found_inf > 0.0f)) return;
   const int row = table.rows[i];
   finalize_row(stats + static_cast<int64_t>(row) * width, d + static_cast<int64_t>(row) * k, k,
-               beta, one_minus_beta, window, hyper[kDamping], lag);
+               beta, one_minus_beta, window, static_cast<float>(hyper[kDamping]), lag);
 }
 
 const float* optional_ptr(const std::optional<at::Tensor>& t, const at::Tensor& like,
@@ -180,7 +180,7 @@ at::Tensor run_group(at::TensorList params, at::TensorList grads, at::TensorList
   std::vector<at::Tensor> keep;
   StepArgs a{};
   a.stats = stats.data_ptr<float>();
-  a.hyper = hyper ? hyper->data_ptr<float>() : nullptr;
+  a.hyper = hyper ? hyper->data_ptr<double>() : nullptr;
   a.grad_scale = optional_ptr(grad_scale, stats, keep);
   a.found_inf = optional_ptr(found_inf, stats, keep);
   a.eps = static_cast<float>(eps);
@@ -278,7 +278,7 @@ void finalize_cuda(const at::Tensor& stats, const at::Tensor& d, const at::Tenso
     table.count = static_cast<int>(std::min<size_t>(kMaxRows, rows.size() - begin));
     for (int i = 0; i < table.count; ++i) table.rows[i] = static_cast<int>(rows[begin + i]);
     finalize_kernel<<<1, kMaxRows, 0, at::cuda::getCurrentCUDAStream()>>>(
-        stats.data_ptr<float>(), dc.data_ptr<float>(), hyper.data_ptr<float>(), inf, table,
+        stats.data_ptr<float>(), dc.data_ptr<float>(), hyper.data_ptr<double>(), inf, table,
         static_cast<int>(d.size(1)), static_cast<int>(stats.size(1)),
         static_cast<float>(probe_beta), static_cast<float>(1.0 - probe_beta),
         static_cast<int>(window), static_cast<int>(lag));

@@ -73,28 +73,30 @@ struct Ops<float> {
   static SADAM_HD float max(float a, float b) { return (a != a || a > b) ? a : b; }
 };
 
-// Scalars of one tensor's step, computed once per tensor (or per CUDA block).
+// Scalars of one tensor's step, computed once per tensor (or per CUDA block) in float64 like
+// torch's AdamW (1 - beta2 from an fp32-rounded beta2 would be 5e-5 off); the per-element math
+// is float32.
 struct TensorScalars {
   float beta1, beta2, one_minus_beta1, one_minus_beta2;
-  float decay;          // 1 - lr * weight_decay (decoupled, never damped)
-  float step_size;      // lr * gamma / (1 - beta1^t)
-  float inv_bias2_sqrt; // 1 / sqrt(1 - beta2^t)
+  float decay;        // 1 - lr * weight_decay (decoupled, never damped)
+  float step_size;    // lr * gamma / (1 - beta1^t)
+  float bias2_sqrt;   // sqrt(1 - beta2^t)
   float eps;
 };
 
-// `t` is the step count after this step; `rho` the scope's current estimate (0 when undamped).
-SADAM_HD TensorScalars tensor_scalars(const float* hyper, float eps, float t, float rho,
+// `t` is the step count after this step; `rho` the scope's current estimate (ignored undamped).
+SADAM_HD TensorScalars tensor_scalars(const double* hyper, float eps, float t, float rho,
                                       bool damped) {
   TensorScalars s;
-  const float lr = hyper[kLr];
-  s.beta1 = hyper[kBeta1];
-  s.beta2 = hyper[kBeta2];
-  s.one_minus_beta1 = 1.0f - s.beta1;
-  s.one_minus_beta2 = 1.0f - s.beta2;
-  s.decay = 1.0f - lr * hyper[kWeightDecay];
-  const float gamma = damped ? ::expf(-hyper[kDamping] * rho) : 1.0f;
-  s.step_size = lr * gamma / (1.0f - ::powf(s.beta1, t));
-  s.inv_bias2_sqrt = 1.0f / ::sqrtf(1.0f - ::powf(s.beta2, t));
+  const double lr = hyper[kLr], b1 = hyper[kBeta1], b2 = hyper[kBeta2];
+  s.beta1 = static_cast<float>(b1);
+  s.beta2 = static_cast<float>(b2);
+  s.one_minus_beta1 = static_cast<float>(1.0 - b1);
+  s.one_minus_beta2 = static_cast<float>(1.0 - b2);
+  s.decay = static_cast<float>(1.0 - lr * hyper[kWeightDecay]);
+  const double gamma = damped ? ::exp(-hyper[kDamping] * static_cast<double>(rho)) : 1.0;
+  s.step_size = static_cast<float>(lr * gamma / (1.0 - ::pow(b1, static_cast<double>(t))));
+  s.bias2_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(b2, static_cast<double>(t))));
   s.eps = eps;
   return s;
 }
@@ -110,7 +112,7 @@ SADAM_HD V adam_math(V p, V g, V& m, V& v, V& vmax, const TensorScalars& s) {
     vmax = Ops<V>::max(vmax, v);
     v_used = vmax;
   }
-  const V denom = Ops<V>::sqrt(v_used) * V(s.inv_bias2_sqrt) + V(s.eps);
+  const V denom = Ops<V>::sqrt(v_used) / V(s.bias2_sqrt) + V(s.eps);
   return p * V(s.decay) - V(s.step_size) * m / denom;
 }
 

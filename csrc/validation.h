@@ -34,9 +34,9 @@ inline void check_stats(const at::Tensor& stats, int64_t probes, at::DeviceType 
 }
 
 inline void check_hyper(const at::Tensor& hyper, at::DeviceType device) {
-  TORCH_CHECK(hyper.device().type() == device && hyper.scalar_type() == at::kFloat &&
+  TORCH_CHECK(hyper.device().type() == device && hyper.scalar_type() == at::kDouble &&
                   hyper.numel() == kNumHyper && hyper.is_contiguous(),
-              "sadam: hyper must be a float32 tensor [lr, beta1, beta2, weight_decay, damping] "
+              "sadam: hyper must be a float64 tensor [lr, beta1, beta2, weight_decay, damping] "
               "on ", device);
 }
 

@@ -26,11 +26,12 @@ def available(device: torch.device):
 
 
 def _hyper(step: GroupStep, device) -> torch.Tensor:
-    """[lr, beta1, beta2, weight_decay, damping] as one fp32 device tensor (no host reads)."""
+    """[lr, beta1, beta2, weight_decay, damping] as one float64 device tensor (no host reads):
+    the kernels derive their scalar coefficients in float64 like torch's AdamW."""
     values = (step.lr, step.beta1, step.beta2, step.weight_decay, step.damping)
     if not any(isinstance(v, torch.Tensor) for v in values):
-        return torch.tensor(values, dtype=torch.float32, device=device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(())
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
                         for v in values])
 
 
