@@ -29,7 +29,8 @@ def sadam(params: List[torch.Tensor], grads: List[torch.Tensor], exp_avgs: List[
     """Run one S-Adam step of a param group in place. See :class:`sadam.SAdam` for arguments."""
     if not params:
         return
-    impl = backends.resolve(backend, params[0].device)
+    # a backend module resolved by the caller keeps the import machinery out of compiled steps
+    impl = backends.resolve(backend, params[0].device) if isinstance(backend, str) else backend
     step = GroupStep(
         params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
         max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else [], steps=state_steps,
