@@ -29,7 +29,8 @@ struct Ops<Vec> {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task (fixed: thread-independent)
-constexpr int kBlock = 256;          // elements hashed and probed together while in L1
+constexpr int kBlock = 1024;         // elements hashed and probed together while in L1
+constexpr int kPartial = kMaxProbes + 1;  // per chunk: S_0..S_31 and the sum of g
 constexpr int W = Vec::size();
 
 // Two float vectors from 2*W elements of any supported dtype, and back (round to nearest even).
@@ -66,38 +67,77 @@ struct TensorJob {
   TensorScalars scalars;
 };
 
-// The hash of elements e0 .. e0+n-1; the fast loop covers runs with a constant high word.
-inline void hash_block(uint64_t e0, int n, uint32_t key, uint32_t* bits) {
-  const uint32_t lo = static_cast<uint32_t>(e0);
-  if (lo <= UINT32_MAX - static_cast<uint32_t>(n)) {
-    const uint32_t high = probe_high(static_cast<uint32_t>(e0 >> 32), key);
-    for (int j = 0; j < n; ++j) bits[j] = probe_mix((lo + static_cast<uint32_t>(j)) ^ high);
-  } else {
-    for (int j = 0; j < n; ++j) bits[j] = probe_hash(e0 + j, key);
-  }
+// Logical right shift of 32-bit lanes (Vectorized<int32_t>::operator>> is arithmetic).
+inline IVec shift_right_logical(IVec x, int s) {
+  return (x >> IVec(s)) & IVec(static_cast<int32_t>(0xFFFFFFFFu >> s));
 }
 
-// d_i += sum_j s_i(j) * g_j over one block: the sign is applied by flipping g's sign bit where
-// bit i of the hash is clear. gbuf is zero-padded to a multiple of W.
-inline void probe_block(const float* gbuf, const uint32_t* bits, int padded, int k,
-                        double* partial) {
+// probe_mix on W lanes; int32 wrap-around multiplication is the uint32 one.
+inline IVec probe_mix_vec(IVec x) {
+  x = x ^ shift_right_logical(x, 16);
+  x = x * IVec(static_cast<int32_t>(kM1));
+  x = x ^ shift_right_logical(x, 13);
+  x = x * IVec(static_cast<int32_t>(kM2));
+  return x ^ shift_right_logical(x, 16);
+}
+
+// Adds g where bit (first + i) of the hash x is set to acc[i], i < 8, and g to sum: the probe
+// sums S_i, from which d_i = 2 * S_i - sum(g). `to_top` (24 - first) puts bit first+7 on top.
+inline void accumulate8(Vec* acc, Vec& sum, Vec g, IVec x, IVec to_top) {
+  IVec y = x << to_top;
+  for (int i = 7; i >= 0; --i) {
+    acc[i] = acc[i] + (g & at::vec::cast<float>(y >> IVec(31)));
+    y = y << IVec(1);
+  }
+  sum = sum + g;
+}
+
+// Adds the register sums of one block to the chunk's double partials.
+inline void flush8(Vec* acc, Vec sum, double* set_sums, double* total) {
   alignas(64) float lanes[W];
-  const IVec sign(INT32_MIN);
-  for (int i = 0; i < k; ++i) {
-    const IVec shift(31 - i);
-    Vec acc(0.0f);
-    for (int j = 0; j < padded; j += W) {
-      const IVec clear = IVec::loadu(bits + j) ^ IVec(-1);
-      const Vec flip = at::vec::cast<float>((clear << shift) & sign);
-      acc = acc + (Vec::loadu(gbuf + j) ^ flip);
-    }
-    acc.store(lanes);
-    double sum = 0.0;
-    for (int l = 0; l < W; ++l) sum += lanes[l];
-    partial[i] += sum;
+  for (int i = 0; i < 8; ++i) {
+    acc[i].store(lanes);
+    for (int l = 0; l < W; ++l) set_sums[i] += lanes[l];
+    acc[i] = Vec(0.0f);
+  }
+  if (total != nullptr) {
+    sum.store(lanes);
+    for (int l = 0; l < W; ++l) *total += lanes[l];
   }
 }
 
+// Probes first .. first+7 over a block held in gbuf / bits.
+inline void probe_group8(const float* gbuf, const uint32_t* bits, int count, int first,
+                         double* set_sums, double* total) {
+  Vec acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = Vec(0.0f);
+  Vec sum(0.0f);
+  const IVec to_top(24 - first);
+  for (int j = 0; j < count; j += W)
+    accumulate8(acc, sum, Vec::loadu(gbuf + j),
+                IVec::loadu(reinterpret_cast<const int32_t*>(bits) + j), to_top);
+  flush8(acc, sum, set_sums + first, total);
+}
+
+// Probe groups from `first_group * 8` on, over `count` elements of a block in gbuf / bits.
+// partial[i] accumulates S_i (i < k rounded up to 8) and partial[kMaxProbes] the sum of g.
+inline void probe_block(const float* gbuf, const uint32_t* bits, int count, int k, int from,
+                        double* partial) {
+  for (int first = from; first < k; first += 8)
+    probe_group8(gbuf, bits, count, first, partial, first == 0 ? partial + kMaxProbes : nullptr);
+}
+
+// Scalar probes of one element (block tails).
+inline void probe_scalar(float g, uint32_t x, int k, double* partial) {
+  for (int i = 0; i < k; ++i)
+    if ((x >> i) & 1u) partial[i] += g;
+  partial[kMaxProbes] += g;
+}
+
+// One chunk in blocks of kBlock elements. The update, the hash and the first 8 probes run in the
+// same vector loop (the probe math hides under the memory traffic); probes 8..31 and blocks whose
+// global index crosses 2**32 (rare: the hash's high word changes) take a second pass over the
+// block's gradient and hash, kept in L1.
 template <typename P, typename S, bool kUpdate, bool kProbe, bool kAmsgrad>
 void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k,
                double* partial) {
@@ -110,20 +150,30 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
   alignas(64) float gbuf[kBlock];
   alignas(64) uint32_t bits[kBlock];
   const Vec gscale(gmul);
+  const IVec to_top(24);
+  Vec acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = Vec(0.0f);
 
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
-    int j = 0;
-    for (; j + 2 * W <= n; j += 2 * W) {
+    const int nvec = n / (2 * W) * (2 * W);
+    const uint64_t e0 = t.offset + static_cast<uint64_t>(b0);
+    const bool fused = kProbe && static_cast<uint32_t>(e0) <= UINT32_MAX - kBlock;
+    const bool keep = kProbe && (!fused || k > 8);  // a second pass needs gbuf / bits
+    IVec index, high;
+    if (fused) {
+      alignas(64) int32_t lane[W];
+      for (int l = 0; l < W; ++l) lane[l] = static_cast<int32_t>(static_cast<uint32_t>(e0) + l);
+      index = IVec::loadu(lane);
+      high = IVec(static_cast<int32_t>(probe_high(static_cast<uint32_t>(e0 >> 32), t.key)));
+    }
+    Vec sum(0.0f);
+    for (int j = 0; j < nvec; j += 2 * W) {
       const int64_t e = b0 + j;
       Vec g0, g1;
       load2(grad + e, g0, g1);
       g0 = g0 * gscale;
       g1 = g1 * gscale;
-      if constexpr (kProbe) {
-        g0.store(gbuf + j);
-        g1.store(gbuf + j + W);
-      }
       if constexpr (kUpdate) {
         Vec p0, p1, m0, m1, v0, v1, x0, x1;
         load2(param + e, p0, p1);
@@ -137,11 +187,28 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
         store2(v_ptr + e, v0, v1);
         if constexpr (kAmsgrad) store2(vmax_ptr + e, x0, x1);
       }
+      if constexpr (kProbe) {
+        if (keep) {
+          g0.store(gbuf + j);
+          g1.store(gbuf + j + W);
+        }
+        if (fused) {
+          const IVec h0 = probe_mix_vec(index ^ high);
+          const IVec h1 = probe_mix_vec((index + IVec(W)) ^ high);
+          index = index + IVec(2 * W);
+          if (keep) {
+            h0.store(bits + j);
+            h1.store(bits + j + W);
+          }
+          accumulate8(acc, sum, g0, h0, to_top);
+          accumulate8(acc, sum, g1, h1, to_top);
+        }
+      }
     }
-    for (; j < n; ++j) {  // scalar tail of the block, same math
+    for (int j = nvec; j < n; ++j) {  // scalar tail of the block, same math
       const int64_t e = b0 + j;
       const float g = static_cast<float>(grad[e]) * gmul;
-      if constexpr (kProbe) gbuf[j] = g;
+      if constexpr (kProbe) probe_scalar(g, probe_hash(e0 + (j), t.key), k, partial);
       if constexpr (kUpdate) {
         float m = static_cast<float>(m_ptr[e]), v = static_cast<float>(v_ptr[e]);
         float x = kAmsgrad ? static_cast<float>(vmax_ptr[e]) : 0.0f;
@@ -152,11 +219,13 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
       }
     }
     if constexpr (kProbe) {
-      const int padded = (n + W - 1) / W * W;
-      std::fill(gbuf + n, gbuf + padded, 0.0f);
-      std::fill(bits + n, bits + padded, 0u);
-      hash_block(t.offset + static_cast<uint64_t>(b0), n, t.key, bits);
-      probe_block(gbuf, bits, padded, k, partial);
+      if (fused) {
+        flush8(acc, sum, partial, partial + kMaxProbes);
+        if (k > 8) probe_block(gbuf, bits, nvec, k, 8, partial);
+      } else {
+        for (int j = 0; j < nvec; ++j) bits[j] = probe_hash(e0 + j, t.key);
+        probe_block(gbuf, bits, nvec, k, 0, partial);
+      }
     }
   }
 }
@@ -193,12 +262,13 @@ at::Tensor run_group(const std::vector<TensorJob>& jobs, ChunkFn fn, float gmul,
   std::vector<std::pair<int, int64_t>> chunks;  // (tensor, first element)
   for (size_t i = 0; i < jobs.size(); ++i)
     for (int64_t b = 0; b < jobs[i].numel; b += kChunk) chunks.emplace_back(static_cast<int>(i), b);
-  std::vector<double> partials(probe ? chunks.size() * k : 0, 0.0);
+  std::vector<double> partials(probe ? chunks.size() * kPartial : 0, 0.0);
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       const TensorJob& job = jobs[chunks[c].first];
       const int64_t b = chunks[c].second;
-      fn(job, b, std::min(b + kChunk, job.numel), gmul, k, probe ? &partials[c * k] : nullptr);
+      fn(job, b, std::min(b + kChunk, job.numel), gmul, k,
+         probe ? &partials[c * kPartial] : nullptr);
     }
   });
   at::Tensor d = at::zeros({probe ? num_scopes : 0, k}, at::dtype(at::kFloat));
@@ -206,7 +276,8 @@ at::Tensor run_group(const std::vector<TensorJob>& jobs, ChunkFn fn, float gmul,
   std::vector<double> sums(num_scopes * k, 0.0);
   for (size_t c = 0; c < chunks.size(); ++c) {
     double* out = &sums[jobs[chunks[c].first].row * k];
-    for (int i = 0; i < k; ++i) out[i] += partials[c * k + i];
+    const double* part = &partials[c * kPartial];
+    for (int i = 0; i < k; ++i) out[i] += 2.0 * part[i] - part[kMaxProbes];
   }
   float* dp = d.data_ptr<float>();
   for (size_t i = 0; i < sums.size(); ++i) dp[i] = static_cast<float>(sums[i]);
