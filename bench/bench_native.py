@@ -1,13 +1,13 @@
 """Optimizer step time of SAdam's native kernels against torch's AdamW, on CPU and on a GPU.
 
 Run: ``.venv/bin/python -m pytest bench/bench_native.py --benchmark-json=bench/results/<machine>.json``
-(``SADAM_BENCH_SIZES=10M`` limits the sizes). CPU: every optimizer runs with the same
-``torch.get_num_threads()``. Shapes are GPT-2 small (d=768) layers plus an embedding that fills the
+(``SADAM_BENCH_SIZES=10M`` limits the sizes, ``SADAM_BENCH_THREADS=1`` sets the CPU threads).
+CPU: every optimizer runs with the same ``torch.get_num_threads()``. Shapes are GPT-2 small (d=768) layers plus an embedding that fills the
 size: 10M, 50M, and the whole 124M model. ``extra_info`` (bench/plot.py convention):
 
 * ``params`` -- parameter elements one step updates;
-* ``ratio_vs_fused_adamw`` -- median step time / median torch fused AdamW step time, measured in
-  this run on the same tensors;
+* ``ratio_vs_fused_adamw`` -- median step time / median torch fused AdamW step time on the same
+  tensors, the latter measured right before each benchmark (on a shared machine the load drifts);
 * ``series`` -- ``"<optimizer> (<device>)"``.
 """
 import gc
@@ -21,6 +21,8 @@ import torch
 from sadam.backends import native
 
 ROUNDS = {"cpu": 7, "cuda": 20}
+if os.environ.get("SADAM_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SADAM_BENCH_THREADS"]))
 SIZES = {"10M": 10_000_000, "50M": 50_000_000, "124M": None}  # None: the whole GPT-2 small
 
 
@@ -88,7 +90,6 @@ def median_step_seconds(opt, device):
 
 
 _params = {}
-_baseline = {}
 
 
 def shared_params(device, size):
@@ -96,20 +97,18 @@ def shared_params(device, size):
     key = (device, size)
     if key not in _params:
         _params.clear()
-        _baseline.clear()
         gc.collect()
         _params[key] = make_params(gpt2_small_shapes(SIZES[size]), device)
     return _params[key]
 
 
-def fused_baseline(device, size, params):
-    key = (device, size)
-    if key not in _baseline:
-        opt = OPTIMIZERS["torch-adamw-fused"](params, device)
-        _baseline[key] = median_step_seconds(opt, device)
-        del opt
-        gc.collect()
-    return _baseline[key]
+def fused_baseline(device, params):
+    """torch fused AdamW's median step time on these tensors, measured now."""
+    opt = OPTIMIZERS["torch-adamw-fused"](params, device)
+    seconds = median_step_seconds(opt, device)
+    del opt
+    gc.collect()
+    return seconds
 
 
 def selected_sizes():
@@ -126,7 +125,7 @@ def test_optimizer_step(benchmark, device, name, size):
         pytest.skip(f"native {device} kernels unavailable: {why}")
     params = shared_params(device, size)
     numel = sum(p.numel() for p in params)
-    baseline = fused_baseline(device, size, params)
+    baseline = fused_baseline(device, params)
     opt = OPTIMIZERS[name](params, device)
     for _ in range(2):  # state allocation outside the timing
         opt.step()
