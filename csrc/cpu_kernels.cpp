@@ -30,7 +30,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task (fixed: thread-independent)
 constexpr int kBlock = 1024;         // elements hashed and probed together while in L1
-constexpr int kPartial = kMaxProbes + 1;  // per chunk: S_0..S_31 and the sum of g
+constexpr int kPartial = kMaxProbes;  // per chunk: d_0 .. d_31
 constexpr int W = Vec::size();
 
 // Two float vectors from 2*W elements of any supported dtype, and back (round to nearest even).
@@ -81,63 +81,50 @@ inline IVec probe_mix_vec(IVec x) {
   return x ^ shift_right_logical(x, 16);
 }
 
-// Adds g where bit (first + i) of the hash x is set to acc[i], i < 8, and g to sum: the probe
-// sums S_i, from which d_i = 2 * S_i - sum(g). `to_top` (24 - first) puts bit first+7 on top.
-inline void accumulate8(Vec* acc, Vec& sum, Vec g, IVec x, IVec to_top) {
-  IVec y = x << to_top;
+// acc[i] += s_(first+i) * g for i < 8: the sign is applied by flipping g's sign bit where bit
+// first+i of the hash x is clear. `to_top` (24 - first) puts bit first+7 at the sign position.
+inline void accumulate8(Vec* acc, Vec g, IVec x, IVec to_top) {
+  IVec y = (x ^ IVec(-1)) << to_top;
   for (int i = 7; i >= 0; --i) {
-    acc[i] = acc[i] + (g & at::vec::cast<float>(y >> IVec(31)));
+    acc[i] = acc[i] + (g ^ at::vec::cast<float>(y & IVec(INT32_MIN)));
     y = y << IVec(1);
   }
-  sum = sum + g;
 }
 
 // Adds the register sums of one block to the chunk's double partials.
-inline void flush8(Vec* acc, Vec sum, double* set_sums, double* total) {
+inline void flush8(Vec* acc, double* partial) {
   alignas(64) float lanes[W];
   for (int i = 0; i < 8; ++i) {
     acc[i].store(lanes);
-    for (int l = 0; l < W; ++l) set_sums[i] += lanes[l];
+    for (int l = 0; l < W; ++l) partial[i] += lanes[l];
     acc[i] = Vec(0.0f);
-  }
-  if (total != nullptr) {
-    sum.store(lanes);
-    for (int l = 0; l < W; ++l) *total += lanes[l];
   }
 }
 
 // Probes first .. first+7 over a block held in gbuf / bits.
 inline void probe_group8(const float* gbuf, const uint32_t* bits, int count, int first,
-                         double* set_sums, double* total) {
+                         double* partial) {
   Vec acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = Vec(0.0f);
-  Vec sum(0.0f);
   const IVec to_top(24 - first);
   for (int j = 0; j < count; j += W)
-    accumulate8(acc, sum, Vec::loadu(gbuf + j),
+    accumulate8(acc, Vec::loadu(gbuf + j),
                 IVec::loadu(reinterpret_cast<const int32_t*>(bits) + j), to_top);
-  flush8(acc, sum, set_sums + first, total);
+  flush8(acc, partial + first);
 }
 
-// Probe groups from `first_group * 8` on, over `count` elements of a block in gbuf / bits.
-// partial[i] accumulates S_i (i < k rounded up to 8) and partial[kMaxProbes] the sum of g.
+// Probe groups from `from` on, over `count` elements of a block in gbuf / bits; partial[i]
+// accumulates d_i for i < k rounded up to 8.
 inline void probe_block(const float* gbuf, const uint32_t* bits, int count, int k, int from,
                         double* partial) {
-  for (int first = from; first < k; first += 8)
-    probe_group8(gbuf, bits, count, first, partial, first == 0 ? partial + kMaxProbes : nullptr);
+  for (int first = from; first < k; first += 8) probe_group8(gbuf, bits, count, first, partial);
 }
 
 // Scalar probes of one element (block tails).
 inline void probe_scalar(float g, uint32_t x, int k, double* partial) {
-  for (int i = 0; i < k; ++i)
-    if ((x >> i) & 1u) partial[i] += g;
-  partial[kMaxProbes] += g;
+  for (int i = 0; i < k; ++i) partial[i] += ((x >> i) & 1u) ? g : -g;
 }
 
-// One chunk in blocks of kBlock elements. The update, the hash and the first 8 probes run in the
-// same vector loop (the probe math hides under the memory traffic); probes 8..31 and blocks whose
-// global index crosses 2**32 (rare: the hash's high word changes) take a second pass over the
-// block's gradient and hash, kept in L1.
 template <typename P, typename S, bool kUpdate, bool kProbe, bool kAmsgrad>
 void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k,
                double* partial) {
@@ -167,7 +154,6 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
       index = IVec::loadu(lane);
       high = IVec(static_cast<int32_t>(probe_high(static_cast<uint32_t>(e0 >> 32), t.key)));
     }
-    Vec sum(0.0f);
     for (int j = 0; j < nvec; j += 2 * W) {
       const int64_t e = b0 + j;
       Vec g0, g1;
@@ -200,8 +186,8 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
             h0.store(bits + j);
             h1.store(bits + j + W);
           }
-          accumulate8(acc, sum, g0, h0, to_top);
-          accumulate8(acc, sum, g1, h1, to_top);
+          accumulate8(acc, g0, h0, to_top);
+          accumulate8(acc, g1, h1, to_top);
         }
       }
     }
@@ -220,7 +206,7 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
     }
     if constexpr (kProbe) {
       if (fused) {
-        flush8(acc, sum, partial, partial + kMaxProbes);
+        flush8(acc, partial);
         if (k > 8) probe_block(gbuf, bits, nvec, k, 8, partial);
       } else {
         for (int j = 0; j < nvec; ++j) bits[j] = probe_hash(e0 + j, t.key);
@@ -277,7 +263,7 @@ at::Tensor run_group(const std::vector<TensorJob>& jobs, ChunkFn fn, float gmul,
   for (size_t c = 0; c < chunks.size(); ++c) {
     double* out = &sums[jobs[chunks[c].first].row * k];
     const double* part = &partials[c * kPartial];
-    for (int i = 0; i < k; ++i) out[i] += 2.0 * part[i] - part[kMaxProbes];
+    for (int i = 0; i < k; ++i) out[i] += part[i];
   }
   float* dp = d.data_ptr<float>();
   for (size_t i = 0; i < sums.size(); ++i) dp[i] = static_cast<float>(sums[i]);
