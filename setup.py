@@ -3,28 +3,75 @@
 Build switches (read from the environment, never at import of `sadam`):
   SADAM_SKIP_CUDA_BUILD=1   build only the CPU kernels even when nvcc is present
   SADAM_SKIP_NATIVE_BUILD=1 build no native extension at all (pure Python + Triton)
+  SADAM_CPU_CAPABILITY      vector set of the CPU kernel: avx2 (default on x86-64), avx512, default
   TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0")
   MAX_JOBS                  parallel compile jobs (ninja)
 """
 import glob
 import os
+import platform
+import shutil
+import sysconfig
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The flags torch compiles its own vectorized CPU kernels with, per capability.
+CPU_FLAGS = {
+    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
+               "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
 
 
 def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def native_extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    if _flag("SADAM_SKIP_NATIVE_BUILD") or not sources:
-        return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+def _cuda_home():
+    """The toolkit folder: $CUDA_HOME, /usr/local/cuda, else the real folder of nvcc (a `nvcc`
+    on PATH may be a wrapper script outside the toolkit)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
 
-    ext = CppExtension("sadam._C", sources, extra_compile_args={"cxx": ["-O3"]})
+
+def _nvidia_wheel_includes(torch):
+    """Headers of the `nvidia-*` pip wheels installed beside torch (cusparse, cublas, ...)."""
+    sites = {os.path.dirname(os.path.dirname(torch.__file__)), sysconfig.get_paths()["purelib"]}
+    return sorted(set(sum((glob.glob(os.path.join(s, "nvidia", "*", "include")) for s in sites),
+                          [])))
+
+
+def native_extensions():
+    if _flag("SADAM_SKIP_NATIVE_BUILD"):
+        return [], {}
+    cuda_home = None if _flag("SADAM_SKIP_CUDA_BUILD") else _cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read when cpp_extension is imported
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    capability = os.environ.get("SADAM_CPU_CAPABILITY", "avx2" if x86 else "default").lower()
+    # No FMA contraction: the kernel then rounds like the reference (separate mul and add).
+    cxx = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + CPU_FLAGS[capability]  # cpp_extension adds the -std torch needs
+    sources = [os.path.join("csrc", s) for s in ("module.cpp", "cpu_kernels.cpp")]
+    if cuda_home and torch.version.cuda:
+        ext = CUDAExtension(
+            "sadam._C", sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
+            include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(torch),
+            define_macros=[("SADAM_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension("sadam._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                           extra_compile_args={"cxx": cxx})
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
