@@ -4,9 +4,9 @@ Each stage is one torch.library op over the whole param group (see ``sadam/_ops.
 call covers every tensor and ``torch.compile`` can trace it. Serves ``backend="cpu"`` and
 ``backend="cuda"``; the extension is built from source by ``setup.py``.
 """
-import torch
-
 import dataclasses
+
+import torch
 
 from .. import _ops
 from . import reference
@@ -72,7 +72,44 @@ def _write_back(step: GroupStep, done: GroupStep) -> None:
                 original.copy_(result)
 
 
+_PER_TENSOR = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "scope_rows", "tensor_ids",
+               "offsets")
+
+
+def _dtype_buckets(step: GroupStep):
+    """Sub-steps whose tensors share (param, grad, moment) dtypes: each kernel call takes one
+    dtype combination, and a group may mix them (spec section 7: one call per bucket)."""
+    keys = [(p.dtype, g.dtype, m.dtype) for p, g, m in zip(step.params, step.grads, step.exp_avgs)]
+    order = list(dict.fromkeys(keys))
+    if len(order) == 1:
+        return [step]
+    buckets = []
+    for key in order:
+        index = [i for i, k in enumerate(keys) if k == key]
+        fields = {f: [getattr(step, f)[i] for i in index] for f in _PER_TENSOR}
+        if step.amsgrad:
+            fields["max_exp_avg_sqs"] = [step.max_exp_avg_sqs[i] for i in index]
+        buckets.append(dataclasses.replace(step, **fields))
+    return buckets
+
+
+def _sum_in_order(parts):
+    """Directional derivatives of the buckets added in a fixed order (deterministic)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def update(step: GroupStep, *, damped: bool, emit_probe: bool):
+    buckets = _dtype_buckets(step)
+    if len(buckets) > 1:
+        parts = [_update_bucket(b, damped=damped, emit_probe=emit_probe) for b in buckets]
+        return _sum_in_order(parts) if emit_probe else None
+    return _update_bucket(step, damped=damped, emit_probe=emit_probe)
+
+
+def _update_bucket(step: GroupStep, *, damped: bool, emit_probe: bool):
     if not _kernel_supports(step):
         return reference.update(step, damped=damped, emit_probe=emit_probe)
     device = step.stats.device
@@ -87,12 +124,19 @@ def update(step: GroupStep, *, damped: bool, emit_probe: bool):
 
 
 def directional_derivatives(step: GroupStep) -> torch.Tensor:
+    buckets = _dtype_buckets(step)
+    if len(buckets) > 1:
+        return _sum_in_order([_directional_bucket(b) for b in buckets])
+    return _directional_bucket(step)
+
+
+def _directional_bucket(step: GroupStep) -> torch.Tensor:
     if not _kernel_supports(step):
         return reference.directional_derivatives(step)
     device = step.stats.device
     return _ops.directional([g.contiguous() for g in step.grads], step.stats,
-                            _on(step.grad_scale, device), step.scope_rows, step.tensor_ids, step.offsets, step.probes,
-                            step.window, step.seed, step.maximize)
+                            _on(step.grad_scale, device), step.scope_rows, step.tensor_ids,
+                            step.offsets, step.probes, step.window, step.seed, step.maximize)
 
 
 def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
