@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(wildcard csrc/*)
 
-.PHONY: test demo bench soak build venv clean
+.PHONY: test demo bench soak pss-demo build venv clean
 
 venv: $(VENV)/.deps
 build: $(VENV)/.built
@@ -49,3 +49,6 @@ bench: build
 
 clean:
 	rm -rf build *.egg-info sadam/*.so .pytest_cache
+
+pss-demo: build
+	$(PY) -m sadam.pss_demo
