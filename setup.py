@@ -61,17 +61,20 @@ def native_extensions():
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     capability = os.environ.get("SADAM_CPU_CAPABILITY", "avx2" if x86 else "default").lower()
     # No FMA contraction: the kernel then rounds like the reference (separate mul and add).
-    cxx = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + CPU_FLAGS[capability]  # cpp_extension adds the -std torch needs
+    # cpp_extension adds the -std torch needs. OpenMP: at::parallel_for is header code that only
+    # runs in parallel where the including file is compiled with it (torch uses OpenMP too).
+    openmp = ["-fopenmp"] if platform.system() == "Linux" else []
+    cxx = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + openmp + CPU_FLAGS[capability]
     sources = [os.path.join("csrc", s) for s in ("module.cpp", "cpu_kernels.cpp")]
     if cuda_home and torch.version.cuda:
         ext = CUDAExtension(
             "sadam._C", sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
             include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(torch),
             define_macros=[("SADAM_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
     else:
         ext = CppExtension("sadam._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-                           extra_compile_args={"cxx": cxx})
+                           extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
