@@ -50,6 +50,12 @@ def new_grads(group, gen, scale=1.0):
         g.copy_((torch.randn(g.shape, generator=gen) * scale).to(g.dtype))
 
 
+def copy_grads(dst, src):
+    """Give ``dst`` the gradients of ``src`` (both groups then step from the same inputs)."""
+    for a, e in zip(dst["grads"], src["grads"]):
+        a.copy_(e)
+
+
 def clone(group):
     return copy.deepcopy(group)
 

@@ -6,7 +6,7 @@ import torch._dynamo.testing
 from sadam.backends import native
 from sadam.functional import sadam as functional_sadam
 
-from _native_cases import clone, make_group, new_grads, require
+from _native_cases import clone, copy_grads, make_group, new_grads, require
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,7 @@ def test_fullgraph_compile_equals_eager_without_lr_recompiles(lag):
     lr = torch.tensor(1e-2)
     for i in range(5):
         new_grads(eager, gen)
-        for a, e in zip(compiled["grads"], eager["grads"]):
-            a.copy_(e)
+        copy_grads(compiled, eager)
         lr.fill_(1e-2 / (i + 1))  # a scheduler: a Tensor lr changes without recompiling
         step_fn(eager, lr, lag)
         step(compiled, lr, lag)
@@ -52,8 +51,7 @@ def test_inductor_compiles_the_step():
     eager = make_group([(17,)])
     compiled = clone(eager)
     new_grads(eager, torch.Generator().manual_seed(1))
-    for a, e in zip(compiled["grads"], eager["grads"]):
-        a.copy_(e)
+    copy_grads(compiled, eager)
     step_fn(eager, 1e-2, 1)
     torch.compile(step_fn, fullgraph=True)(compiled, 1e-2, 1)
     for name in ("params", "exp_avgs", "exp_avg_sqs", "steps"):

@@ -8,7 +8,8 @@ from sadam.backends import native, reference
 from sadam.functional import sadam as functional_sadam
 
 from _native_cases import (assert_d_close, assert_rel, assert_stats_close, assert_within_ulp,
-                           clone, make_group, new_grads, require, row_abs_sums, step_of)
+                           clone, copy_grads, make_group, new_grads, require, row_abs_sums,
+                           step_of)
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -79,8 +80,7 @@ def test_hundred_steps_fp32_default_config():
     gen = torch.Generator().manual_seed(2)
     for _ in range(100):
         new_grads(ref, gen)
-        for a, e in zip(ours["grads"], ref["grads"]):
-            a.copy_(e)
+        copy_grads(ours, ref)
         run_functional(ref, "torch", 1)
         run_functional(ours, "cpu", 1)
     assert_groups_match(ours, ref)
@@ -95,8 +95,7 @@ def test_reduced_precision_within_one_ulp(dtype, state_dtype):
     gen = torch.Generator().manual_seed(3)
     for _ in range(6):
         new_grads(ref, gen)
-        for a, e in zip(ours["grads"], ref["grads"]):
-            a.copy_(e)
+        copy_grads(ours, ref)
         run_functional(ref, "torch", 1)
         run_functional(ours, "cpu", 1)
         assert_groups_match(ours, ref)
@@ -112,8 +111,7 @@ def test_maximize_grad_scale_tensor_hyperparameters(emit):
     ref["stats"][:, L.rho_col(8)] = 0.4  # a damping that matters
     ours = clone(ref)
     new_grads(ref, torch.Generator().manual_seed(4), scale=64.0)
-    for a, e in zip(ours["grads"], ref["grads"]):
-        a.copy_(e)
+    copy_grads(ours, ref)
     d_ref = reference.update(step_of(ref), damped=True, emit_probe=emit)
     d = native.update(step_of(ours), damped=True, emit_probe=emit)
     assert (d is None) == (d_ref is None)
@@ -148,8 +146,7 @@ def test_non_finite_gradient_keeps_the_row():
     ours = clone(ref)
     new_grads(ref, gen)
     ref["grads"][1][7] = float("inf")
-    for a, e in zip(ours["grads"], ref["grads"]):
-        a.copy_(e)
+    copy_grads(ours, ref)
     run_functional(ref, "torch", 1)
     run_functional(ours, "cpu", 1)
     assert torch.equal(ours["stats"][1, :L.rho_col(8) + 1], ref["stats"][1, :L.rho_col(8) + 1])
@@ -173,8 +170,7 @@ def test_many_tensors():
     ours = clone(ref)
     for step in range(3):
         new_grads(ref, torch.Generator().manual_seed(8 + step))
-        for a, e in zip(ours["grads"], ref["grads"]):
-            a.copy_(e)
+        copy_grads(ours, ref)
         run_functional(ref, "torch", 1)
         run_functional(ours, "cpu", 1)
     assert_groups_match(ours, ref)
@@ -228,8 +224,7 @@ def test_non_contiguous_and_float64_tensors_match_the_reference():
         ours = clone(ref)
         for _ in range(3):
             new_grads(ref, torch.Generator().manual_seed(11))
-            for a, e in zip(ours["grads"], ref["grads"]):
-                a.copy_(e)
+            copy_grads(ours, ref)
             run_functional(ref, "torch", 1)
             run_functional(ours, "cpu", 1)
         assert not ours["params"][0].is_contiguous()
