@@ -54,15 +54,15 @@ def step_kernel(p, s, *, do_update, emit_probe, k, g=None, damped=True,
     _triton()
     from ..triton_kernels import _tables, update
     g = p if g is None else g
-    config = _tables.launch_config(k if emit_probe else 0, p, s, do_update)
+    config = _tables.launch_config(k if emit_probe else 0)
     signature = dict(chunk_tensor="*i32", addresses="*i64", layout="*i64", stats="*fp32",
                      stats_stride="i32", eps="fp32", window="i32")
     constexprs = dict(P_KIND=p, G_KIND=g, S_KIND=s, DO_UPDATE=do_update, EMIT_PROBE=emit_probe,
                       DAMPED=damped, AMSGRAD=amsgrad, MAXIMIZE=maximize, K=k,
                       K_PAD=config.k_pad, BLOCK=config.block, ITERS=config.iters)
     for name in ("lr", "weight_decay", "beta1", "beta2"):
-        if tensors_hyper:  # a device scalar
-            signature[name] = "*fp32"
+        if tensors_hyper:  # a float64 device scalar
+            signature[name] = "*fp64"
             constexprs[name + "_lo"] = None
         else:  # a number as two fp32 halves
             signature[name] = signature[name + "_lo"] = "fp32"
@@ -104,8 +104,8 @@ def update_bytes(p, s, amsgrad=False):
 def update_record(p, s, k, lag):
     """lag 1: the update with the fused probe sums; lag 0: the update after the probe pass
     (damped, no sums); k = 0: probe="off" (undamped, no sums)."""
-    compiled, _ = step_kernel(p, s, do_update=True, emit_probe=(k > 0 and lag == 1),
-                              k=max(k, 1), damped=k > 0)
+    compiled, _ = step_kernel(p, s, do_update=True, emit_probe=(k > 0 and lag == 1), k=k,
+                              damped=k > 0)
     return _record("update", p, s, k, lag if k else None, compiled, *update_bytes(p, s))
 
 
