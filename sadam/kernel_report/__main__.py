@@ -7,6 +7,7 @@ build absent) is skipped with its reason printed, so the report still covers the
 import argparse
 import importlib
 import json
+import os
 import sys
 
 from . import BACKENDS, KEYS
@@ -52,7 +53,11 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     parser.add_argument("--backend", action="append", choices=BACKENDS,
                         help="only this backend (repeatable; default: all present)")
+    parser.add_argument("--all-k", action="store_true",
+                        help="every probe count 1..32 (default: one k per register footprint)")
     args = parser.parse_args(argv)
+    if args.all_k:
+        os.environ["SADAM_REPORT_ALL_K"] = "1"
     records = collect(args.backend or BACKENDS)
     print(table(records))
     if args.json:

@@ -8,7 +8,8 @@ the CUDA toolkit (or the copy bundled with Triton's NVIDIA backend) and returns 
   from ``cuobjdump -res-usage``; ``spill_instructions`` counts STL/LDL in the whole kernel;
 * ``loop``: the steady-state element loop, a :class:`Loop` -- the instructions between a backward
   branch and its target (the back-edge), chosen as the loop with the most global-memory traffic
-  (ties: the fewest instructions, i.e. the unmasked full-block loop rather than a masked tail).
+  (ties: the widest accesses, then the fewest instructions: the unmasked, vectorized full-block
+  loop rather than a masked tail).
 
 Per-element figures come from :meth:`Loop.per_element`: elements per loop trip are derived from
 the bytes the trip loads (``read_bytes_per_element`` is given by the caller), so unrolling by the
@@ -205,12 +206,13 @@ def loops_of(instructions: List[Instruction]) -> List[Loop]:
 
 
 def element_loop(loops: List[Loop]) -> Optional[Loop]:
-    """The steady-state element loop: most global traffic, then fewest instructions."""
+    """The steady-state element loop: the most global traffic per trip, then the widest accesses
+    (the vectorized full-block loop rather than a masked tail), then the fewest instructions."""
     moving = [lp for lp in loops if lp.global_accesses]
     if not moving:
         return None
     return max(moving, key=lambda lp: (lp.load_bytes_per_thread + lp.store_bytes_per_thread,
-                                       -lp.count))
+                                       lp.access_bits, -lp.count))
 
 
 def analyze(cubin: Union[bytes, str], kernel: str, dynamic_shared_bytes: int = 0) -> KernelStats:

@@ -13,6 +13,8 @@ from .sass import analyze
 BACKEND = "triton"
 DTYPES = {0: "fp32", 1: "fp16", 2: "bf16"}
 SIZES = {0: 4, 1: 2, 2: 2}
+# One k per register footprint (k only moves statistics columns outside the loop; the loop depends
+# on k rounded up to a power of two); SADAM_REPORT_ALL_K=1 (``--all-k``) compiles every k.
 PROBE_COUNTS = (1, 2, 3, 4, 8, 16, 32)
 
 
@@ -115,7 +117,10 @@ def probe_record(p, k):
     return _record("probe", p, None, k, 0, compiled, SIZES[p], SIZES[p])
 
 
-def records(probe_counts=PROBE_COUNTS) -> List[dict]:
+def records(probe_counts=None) -> List[dict]:
+    if probe_counts is None:
+        probe_counts = (range(1, 33) if os.environ.get("SADAM_REPORT_ALL_K") == "1"
+                        else PROBE_COUNTS)
     out = []
     for k in probe_counts:
         out.append(update_record(0, 0, k, 1))
