@@ -19,7 +19,7 @@ two fp32 halves (``x`` + ``x_lo``) that carry their double value into the kernel
 import triton
 import triton.language as tl
 
-from ._convert import load_f32, proceed, scalar_f32, store_f32
+from ._convert import load_f32, power_f64, proceed, scalar_f32, scalar_f64, store_f32
 from ._hash import probe_hash, probe_key
 
 # Columns of the per-tensor tables (int64). Addresses change when tensors are reallocated, the
@@ -28,36 +28,11 @@ P, G, M, V, VMAX, STEP, ALIGNED = (tl.constexpr(c) for c in range(7))
 ADDRESS_COLS = tl.constexpr(7)
 NUMEL, OFFSET, KEY_BASE, ROW, FIRST_CHUNK = (tl.constexpr(c) for c in range(5))
 LAYOUT_COLS = tl.constexpr(5)
-STEP_BITS: tl.constexpr = tl.constexpr(25)  # an fp32 step count stops growing at 2**24
 
 
 @triton.jit
 def _column(table, tensor, COLS: tl.constexpr, col: tl.constexpr):
     return tl.load(table + tensor * COLS + col)
-
-
-@triton.jit
-def scalar_f64(x, x_lo):
-    """A hyperparameter in float64: a device scalar (``x_lo`` None) or a number split in two
-    fp32 halves (the interpreter passes numbers as Python floats)."""
-    if x_lo is None:
-        value = tl.load(x).to(tl.float64)
-    elif isinstance(x, float):
-        value = tl.full([], x, tl.float64) + tl.full([], x_lo, tl.float64)
-    else:
-        value = x.to(tl.float64) + x_lo.to(tl.float64)
-    return value
-
-
-@triton.jit
-def power_f64(base, count):
-    """base ** count in float64 for an fp32 count of steps, by repeated squaring."""
-    n = count.to(tl.int32)
-    result = tl.full([], 1.0, tl.float64)
-    for bit in tl.static_range(STEP_BITS):
-        result = tl.where(((n >> bit) & 1) != 0, result * base, result)
-        base = base * base
-    return result
 
 
 @triton.jit
