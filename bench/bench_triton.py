@@ -10,8 +10,8 @@ in the parameter dtype; SAdam keeps fp32 moments (its default), so with bf16 par
 Every optimizer, the baseline included, is timed the same way: CUDA events around one ``step()``
 (no host clock), median over ROUNDS steps after warm-up. ``extra_info`` holds:
 
-* ``median_s`` and ``ratio_vs_torch_fused`` -- the event median, and it over torch fused AdamW's
-  event median measured in this run on the same tensors;
+* ``median_s`` and ``ratio_vs_fused_adamw`` -- the event median, and it over torch fused AdamW's
+  event median measured in this run on the same tensors (bench/plot.py charts it per ``series``);
 * ``bytes_per_param`` -- the traffic this configuration moves per parameter, counted exactly
   (``bytes_per_param()``), and ``gbps`` -- that traffic over the median time;
 * ``peak_extra_bytes`` -- peak memory allocated during one step beyond what was live before it.
@@ -155,5 +155,6 @@ def test_optimizer_step(benchmark, name, model, dtype_name):
     moved = bytes_per_param(name, dtype)
     benchmark.extra_info.update(
         model=model, dtype=dtype_name, params=numel, device=torch.cuda.get_device_name(),
-        median_s=median, torch_fused_median_s=baseline, ratio_vs_torch_fused=median / baseline,
+        median_s=median, torch_fused_median_s=baseline, ratio_vs_fused_adamw=median / baseline,
+        series=f"{name} {dtype_name}",
         bytes_per_param=moved, gbps=moved * numel / median / 1e9, peak_extra_bytes=peak_extra)
