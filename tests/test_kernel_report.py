@@ -117,3 +117,28 @@ def test_triton_probe_pass_and_spills(report):
     assert {r["probes"] for r in triton if r["kernel"] == "update"} >= {0, 1, 2, 4, 8, 16, 32}
     assert all(r["spills"] == 0 for r in triton), [r for r in triton if r["spills"]]
     assert all(r["barriers_in_loop"] == 0 for r in triton)
+
+
+COEFFICIENT_OPCODES = """
+from sadam.kernel_report.sass import analyze
+from sadam.kernel_report.triton import step_kernel
+compiled, _ = step_kernel(0, 0, do_update=True, emit_probe=False, k=0, damped=False)
+stats = analyze(compiled.asm["cubin"], compiled.metadata.name)
+print(" ".join(sorted({i.opcode for i in stats.instructions})))
+"""
+
+
+def test_update_coefficients_are_float64_and_the_division_ieee():
+    """The interpreter computes exactly what the GPU approximates, so the compiled code is checked:
+    no ex2.approx (MUFU.EX2) bias corrections in the undamped update, float64 arithmetic for the
+    coefficients, and the IEEE division's range check (FCHK) in the element math."""
+    if not _nvidia_backend():
+        pytest.skip("triton with its NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COEFFICIENT_OPCODES], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    opcodes = done.stdout.split()
+    assert not any(op.startswith("MUFU.EX2") for op in opcodes), opcodes
+    assert any(op.startswith(("DMUL", "DFMA", "DADD")) for op in opcodes), opcodes
+    assert any(op.startswith("FCHK") for op in opcodes), opcodes
