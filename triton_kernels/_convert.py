@@ -90,16 +90,28 @@ def pow_f32(base, exponent):
     return tl.exp2(exponent * tl.log2(base))
 
 
+STEP_BITS: tl.constexpr = tl.constexpr(25)  # an fp32 step count stops growing at 2**24
+
+
 @triton.jit
-def beta_terms(beta, complement, log2_beta):
-    """(beta, 1 - beta, log2(beta)) of a beta given as a number with its complement and log2
-    computed in double precision on the host, or as a device scalar (then 1 - beta is exact in
-    fp32 for beta in [0.5, 1] and the log is taken here)."""
-    b = scalar_f32(beta)
-    if complement is None:
-        c = 1.0 - b
-        log2_b = tl.log2(b)
+def scalar_f64(x, x_lo):
+    """A hyperparameter in float64: a device scalar (``x_lo`` None) or a number split in two
+    fp32 halves (the interpreter passes numbers as Python floats)."""
+    if x_lo is None:
+        value = tl.load(x).to(tl.float64)
+    elif isinstance(x, float):
+        value = tl.full([], x, tl.float64) + tl.full([], x_lo, tl.float64)
     else:
-        c = complement
-        log2_b = log2_beta
-    return b, c, log2_b
+        value = x.to(tl.float64) + x_lo.to(tl.float64)
+    return value
+
+
+@triton.jit
+def power_f64(base, count):
+    """base ** count in float64 for an fp32 count of steps, by repeated squaring."""
+    n = count.to(tl.int32)
+    result = tl.full([], 1.0, tl.float64)
+    for bit in tl.static_range(STEP_BITS):
+        result = tl.where(((n >> bit) & 1) != 0, result * base, result)
+        base = base * base
+    return result
