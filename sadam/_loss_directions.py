@@ -6,9 +6,9 @@ probing index) and identical on every device and backend:
 * sign directions (``"symmetric"``): the probe hash of sadam-spec section 2 with the group folded
   into the seed (:func:`sadam._hash.loss_probe_seed`), kept as int8 so one add per evaluation
   displaces a tensor;
-* Gaussian directions (``"directions"``): ``torch.randn`` from a CPU ``torch.Generator`` seeded
-  with the same 32-bit hash key, normalised per tensor on the CPU, then moved to the tensor's
-  device. CPU generation is what makes them identical everywhere.
+* Gaussian directions (``"directions"``): ``torch.randn(probes, numel)`` from a CPU
+  ``torch.Generator`` seeded with the same 32-bit hash key, each row divided by its norm on the
+  CPU, then moved to the tensor's device. CPU generation is what makes them identical everywhere.
 """
 import torch
 
@@ -20,22 +20,17 @@ def sign_directions(p: torch.Tensor, probes: int, *, seed: int, group_index: int
     """``(probes, numel)`` int8 tensor of +1/-1: probe i's signs are bit i of the hash."""
     bits = probe_bits(p.numel(), tensor_id=tensor_index, epoch=probing,
                       seed=loss_probe_seed(seed, group_index), device=p.device)
-    signs = torch.empty(probes, p.numel(), dtype=torch.int8, device=p.device)
-    for i in range(probes):  # row by row: no (probes, numel) int64 temporary
-        signs[i] = ((bits >> i) & 1) * 2 - 1
-    return signs
+    bits = ((bits ^ 0x80000000) - 0x80000000).to(torch.int32)  # the same 32 bits, signed
+    shifts = torch.arange(probes, dtype=torch.int32, device=p.device).unsqueeze(1)
+    signs = ((bits.unsqueeze(0) >> shifts) & 1).to(torch.int8)  # (probes, numel) at once
+    return signs.mul_(2).sub_(1)
 
 
-class GaussianDirections:
-    """Probe i's unit direction of one tensor, drawn in turn (call :meth:`next` k times)."""
-
-    def __init__(self, p: torch.Tensor, *, seed: int, group_index: int, tensor_index: int,
-                 probing: int):
-        key = probe_key(loss_probe_seed(seed, group_index), probing, tensor_index)
-        self.generator = torch.Generator(device="cpu").manual_seed(int(key))
-        self.numel, self.device = p.numel(), p.device
-
-    def next(self) -> torch.Tensor:
-        z = torch.randn(self.numel, generator=self.generator, dtype=torch.float32)
-        norm = float(z.double().norm())  # float64 on the CPU: the same value on every machine
-        return z.mul_(1.0 / norm).to(self.device, non_blocking=True)
+def gaussian_directions(p: torch.Tensor, probes: int, *, seed: int, group_index: int,
+                        tensor_index: int, probing: int) -> torch.Tensor:
+    """``(probes, numel)`` fp32 tensor on p's device: row i is probe i's unit direction."""
+    key = probe_key(loss_probe_seed(seed, group_index), probing, tensor_index)
+    generator = torch.Generator(device="cpu").manual_seed(int(key))
+    z = torch.randn(probes, p.numel(), generator=generator, dtype=torch.float32)
+    norms = z.double().norm(dim=1, keepdim=True)  # float64 on the CPU: one value everywhere
+    return z.div_(norms.float()).to(p.device, non_blocking=True)

@@ -19,23 +19,23 @@ import math
 import torch
 
 from . import _layout as L
-from ._loss_directions import GaussianDirections, sign_directions
+from ._loss_directions import gaussian_directions, sign_directions
 
 
 def _as_float(loss) -> float:
     return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
 
-def _displace(p, base, direction, alpha):
-    """``p = base + alpha * direction`` in fp32, rounded once to p's dtype."""
-    if p.dtype == torch.float32:
-        torch.add(base, direction, alpha=alpha, out=p)
-    else:
-        p.copy_(torch.add(base.float(), direction, alpha=alpha))
+def _displace(params, backup, directions, alpha):
+    """``p = base + alpha * direction`` for every tensor, rounded once to p's dtype (two
+    multi-tensor ops, whatever the number of tensors)."""
+    torch._foreach_copy_(params, backup)
+    torch._foreach_add_(params, directions, alpha=alpha)
 
 
-class _ModuleBuffersRestored:
-    """Restores, on exit, the buffers of every module whose forward ran inside the block.
+class _ModuleBuffers:
+    """While active, saves the buffers of every module whose forward runs (at its first call);
+    :meth:`restore` puts them back, and so does leaving the block.
 
     A global forward pre-hook finds the modules, so no module has to be named: batch-norm
     running statistics stay where they were whatever the closure looks like. Buffers changed
@@ -52,12 +52,15 @@ class _ModuleBuffersRestored:
             self._saved[id(module)] = [(b, b.detach().clone())
                                        for b in module.buffers(recurse=False)]
 
-    def __exit__(self, *exc):
-        self._handle.remove()
+    def restore(self):
         with torch.no_grad():
             for buffers in self._saved.values():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        self.restore()
         return False
 
 
@@ -65,16 +68,17 @@ class _Evaluator:
     """Probe evaluations of the loss, as floats, leaving gradients, buffers and (in ``replay``)
     the random-number state as the first evaluation left them."""
 
-    def __init__(self, optimizer, closure, rng_before, replay):
+    def __init__(self, optimizer, closure, rng_before, replay, buffers):
         self.closure = closure
         self.rng_before = rng_before if replay else None
         self.keyword = "backward" in inspect.signature(closure).parameters
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.buffers = buffers
 
     def __call__(self) -> float:
         if self.rng_before is not None:
             LossProbe.restore_rng(self.rng_before)
-        with _ModuleBuffersRestored():
+        try:
             if self.keyword:
                 with torch.no_grad():
                     return _as_float(self.closure(backward=False))
@@ -84,6 +88,8 @@ class _Evaluator:
             for p, g in zip(self.params, saved):
                 p.grad = g
             return value
+        finally:
+            self.buffers.restore()
 
 
 class LossProbe:
@@ -112,14 +118,14 @@ class LossProbe:
         norm = math.sqrt(sum(float(b.float().pow(2).sum()) for b in backup))
         h = g["probe_delta"] * max(norm, 1.0)
         scale = h / math.sqrt(n)
+        params = [p for _, _, p in probed]
         signs = [sign_directions(p, k, seed=g["seed"], group_index=gi, tensor_index=j,
-                                 probing=probing) for gi, j, p in probed]
+                                 probing=probing).view(k, *p.shape) for gi, j, p in probed]
         var_sum = mean_sq_sum = 0.0
         for i in range(k):
             side = []
             for sign in (+1.0, -1.0):
-                for (_, _, p), b, s in zip(probed, backup, signs):
-                    _displace(p, b, s[i].view(p.shape), sign * scale)
+                _displace(params, backup, [s[i] for s in signs], sign * scale)
                 side.append((evaluate() - f0) / h)
             dp, dm = side
             if not (math.isfinite(dp) and math.isfinite(dm)):
@@ -134,12 +140,13 @@ class LossProbe:
         own unit Gaussian direction, one-sided differences, unbiased variance over mean square,
         clipped to [0, 10]; ``None`` when a probe loss is not finite."""
         k, delta = g["probes"], g["probe_delta"]
-        directions = [GaussianDirections(p, seed=g["seed"], group_index=gi, tensor_index=j,
-                                         probing=probing) for gi, j, p in probed]
+        params = [p for _, _, p in probed]
+        directions = [gaussian_directions(p, k, seed=g["seed"], group_index=gi, tensor_index=j,
+                                          probing=probing).view(k, *p.shape)
+                      for gi, j, p in probed]
         values = []
-        for _ in range(k):
-            for (_, _, p), b, d in zip(probed, backup, directions):
-                _displace(p, b, d.next().view(p.shape), delta)
+        for i in range(k):
+            _displace(params, backup, [d[i] for d in directions], delta)
             values.append((evaluate() - f0) / delta)
             if not math.isfinite(values[-1]):
                 return None
@@ -187,24 +194,24 @@ class LossProbe:
         probed = [[(index[id(group)], j, p) for j, p in enumerate(group["params"])
                    if p.grad is not None and p.numel() > 0] for group in groups]
         rng = g["probe_rng"] or ("replay" if g["probe_estimator"] == "symmetric" else "fresh")
-        evaluate = _Evaluator(self.optimizer, closure, rng_before, replay=rng == "replay")
         rng_after = self.capture_rng()
         everything = [t for tensors in probed for t in tensors]
         backup = {id(p): p.detach().clone() for _, _, p in everything}
         try:
-            if g["probe_estimator"] == "symmetric":
-                if not everything:
-                    return [0.0] * len(groups)
-                rho = self._symmetric(everything, [backup[id(p)] for _, _, p in everything], f0,
-                                      g, probing, evaluate)
-                return [rho] * len(groups)
-            rhos = []
-            for tensors in probed:
-                rhos.append(self._directions(tensors, [backup[id(p)] for _, _, p in tensors],
-                                             f0, g, probing, evaluate) if tensors else 0.0)
-                for _, _, p in tensors:
-                    p.copy_(backup[id(p)])
-            return rhos
+            with _ModuleBuffers() as buffers:
+                evaluate = _Evaluator(self.optimizer, closure, rng_before, rng == "replay",
+                                      buffers)
+                if g["probe_estimator"] == "symmetric":
+                    return [self._symmetric(everything, [backup[id(p)] for _, _, p in everything],
+                                            f0, g, probing, evaluate) if everything else 0.0
+                            ] * len(groups)
+                rhos = []
+                for tensors in probed:  # one rho per group, each probed alone
+                    rhos.append(self._directions(tensors, [backup[id(p)] for _, _, p in tensors],
+                                                 f0, g, probing, evaluate) if tensors else 0.0)
+                    for _, _, p in tensors:
+                        p.copy_(backup[id(p)])
+                return rhos
         finally:
             for _, _, p in everything:
                 p.copy_(backup[id(p)])

@@ -417,3 +417,15 @@ def test_readme_loss_probe_snippet_runs_as_written():
     exec(compile(_readme_block('probe="loss"'), "README.md", "exec"), namespace)
     opt = namespace["opt"]
     assert isinstance(opt, SAdam) and 0 <= opt.lgi()[0].item() <= 1
+
+
+def test_loss_probe_signs_are_the_spec_hash_with_the_group_in_the_seed():
+    """Group 0 keeps sadam-spec's hash (all 32 bits); group g hashes with
+    seed ^ (0x27D4EB2F * g mod 2**32)."""
+    from sadam._loss_directions import sign_directions
+    p = torch.zeros(3, 333)
+    for seed, group in ((0, 0), (12345, 0), (2 ** 32 - 1, 0), (7, 1), (7, 5)):
+        ours = sign_directions(p, 32, seed=seed, group_index=group, tensor_index=3, probing=9)
+        spec_seed = seed ^ ((0x27D4EB2F * group) & 0xFFFFFFFF)
+        assert torch.equal(ours.float(), probe_signs(999, 32, tensor_id=3, epoch=9,
+                                                     seed=spec_seed))
