@@ -185,24 +185,34 @@ def test_probing_does_not_change_the_update(estimator, backend):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
-def test_dropout_masks_replayed_and_rng_continues_as_without_probes():
-    torch.manual_seed(5)
-    w = torch.nn.Parameter(torch.randn(32))
+@pytest.mark.parametrize("estimator, probe_rng, same_masks", [
+    ("symmetric", None, True), ("symmetric", "fresh", False), ("directions", None, False),
+    ("directions", "fresh", False), ("directions", "replay", True)])
+def test_dropout_masks_replayed_or_fresh_and_rng_continues_as_without_probes(
+        estimator, probe_rng, same_masks):
+    """"replay" (the symmetric default) evaluates every probe with the first evaluation's
+    dropout mask, "fresh" (the directions default) draws a new one each time; either way the
+    random-number state continues as if no probe had run."""
+    w = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(5)))
     drop = torch.nn.Dropout(0.5)
     masks = []
 
     def loss_fn(p):
-        out = drop(torch.ones(32)) * p
+        out = drop(torch.ones(64)) * p
         masks.append(out.detach() != 0)
         return out.pow(2).sum()
 
-    opt = SAdam([w], lr=1e-3, probe="loss", probes=3, backend="torch")
+    opt = SAdam([w], lr=1e-3, probe="loss", probes=3, probe_estimator=estimator,
+                probe_rng=probe_rng, backend="torch")
     torch.manual_seed(6)
     opt.step(_closure_for(w, loss_fn))
     after_step = torch.rand(4)
-    assert len(masks) == 1 + 2 * 3
-    assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    assert len(masks) == 1 + (2 * 3 if estimator == "symmetric" else 3)
     assert masks[0].float().mean().item() not in (0.0, 1.0)  # dropout really drew a mask
+    if same_masks:
+        assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    else:
+        assert len({tuple(m.tolist()) for m in masks}) == len(masks)
 
     torch.manual_seed(6)  # the same closure evaluated once, no probes
     loss_fn(w)
@@ -374,34 +384,6 @@ def test_found_inf_step_changes_nothing_with_the_loss_probe(estimator, backend):
     opt.found_inf = torch.tensor(0.0)
     opt.step(closure)
     assert not torch.equal(w.detach(), w0)  # a finite step goes on
-
-
-@pytest.mark.parametrize("probe_rng, same_masks", [(None, False), ("fresh", False),
-                                                  ("replay", True)])
-def test_directions_dropout_fresh_by_default_or_replayed(probe_rng, same_masks):
-    """The directions estimator draws a fresh dropout mask per probe evaluation unless
-    ``probe_rng="replay"``; either way the random-number state continues as without probes."""
-    w = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(5)))
-    drop = torch.nn.Dropout(0.5)
-    masks = []
-
-    def loss_fn(p):
-        out = drop(torch.ones(64)) * p
-        masks.append(out.detach() != 0)
-        return out.pow(2).sum()
-
-    opt = SAdam([w], lr=1e-3, probe="loss", probes=4, probe_estimator="directions",
-                probe_rng=probe_rng, backend="torch")
-    torch.manual_seed(6)
-    opt.step(_closure_for(w, loss_fn))
-    after_step = torch.rand(4)
-    assert len(masks) == 1 + 4
-    assert all(torch.equal(m, masks[0]) for m in masks[1:]) == same_masks
-    if not same_masks:
-        assert len({tuple(m.tolist()) for m in masks}) == len(masks)
-    torch.manual_seed(6)
-    loss_fn(w)
-    assert torch.equal(torch.rand(4), after_step)
 
 
 def _readme_block(marker):
