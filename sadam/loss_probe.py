@@ -9,9 +9,10 @@ draws the same masks); ``"fresh"`` lets every probe evaluation draw anew. Either
 continues afterwards as if no probe had run. Buffers of every module that runs during a probe
 evaluation (batch-norm running statistics) are restored after it. Parameters are restored
 bit-exactly from a copy. A probing with a non-finite loss leaves the statistics as they were.
-Peak extra memory: one copy of the probed parameters, plus one byte per element and probe for the
-sign directions (``"symmetric"``) or one fp32 direction per tensor (``"directions"``), plus one copy
-of the gradients when the closure does not take ``backward``.
+Peak extra memory: one copy of the probed parameters, plus the directions of one probing (all k
+at once: one byte per element and probe for the sign directions of ``"symmetric"``, four for the
+Gaussian directions of the group ``"directions"`` probes), plus one copy of the gradients when the
+closure does not take ``backward``.
 """
 import inspect
 import math
