@@ -59,3 +59,16 @@ def probe_signs(numel: int, probes: int, *, tensor_id: int, epoch: int, seed: in
     bits = probe_bits(numel, tensor_id=tensor_id, epoch=epoch, seed=seed, offset=offset,
                       device=device)
     return signs_from_bits(bits, probes, dtype)
+
+
+GROUP_MIX = 0x27D4EB2F
+
+
+def loss_probe_seed(seed: int, group_index: int) -> int:
+    """The seed the loss probe hashes with for param group ``group_index``.
+
+    The gradient probe's key names a tensor by its index in its group; the loss probe perturbs
+    tensors of several groups at once, so it folds the group's index into the seed, and no two
+    tensors of one optimizer share a direction. Group 0 keeps ``seed`` itself.
+    """
+    return seed ^ _mul32(group_index, GROUP_MIX)

@@ -9,6 +9,7 @@ from .backends import BACKENDS
 PROBE_MODES = ("gradient", "loss", "off")
 SCOPES = ("group", "tensor")
 ESTIMATORS = ("symmetric", "directions")
+PROBE_RNG = (None, "replay", "fresh")
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -71,6 +72,7 @@ def validate_group(g: dict) -> None:
     _check(delta > 0 and delta == delta, "probe_delta", "must be > 0", g["probe_delta"])
     _int("probe_every", g["probe_every"], 1)
     _choice("probe_estimator", g["probe_estimator"], ESTIMATORS)
+    _choice("probe_rng", g["probe_rng"], PROBE_RNG)
     if g["probe"] == "loss":
         _check(g["scope"] == "group", "scope",
                "must be 'group' with probe='loss' (the loss probe measures one rho for the model)",
@@ -84,7 +86,8 @@ def validate_group(g: dict) -> None:
     _choice("backend", g["backend"], BACKENDS)
 
 
-LOSS_SHARED = ("probes", "probe_delta", "probe_every", "probe_estimator", "probe_beta", "seed")
+LOSS_SHARED = ("probes", "probe_delta", "probe_every", "probe_estimator", "probe_beta", "seed",
+               "probe_rng")
 
 
 def validate_loss_groups(groups) -> None:

@@ -40,6 +40,10 @@ class SAdam(Optimizer):
         probe_window: redraw the directions and reset the statistics every that many steps.
         probe_delta, probe_every, probe_estimator: loss probe settings (radius, cadence,
             ``"symmetric"`` central differences or the ``"directions"`` estimator).
+        probe_rng: random-number state of loss probe evaluations: ``"replay"`` (the state of the
+            evaluation that produced the gradients: dropout draws the same masks) or ``"fresh"``
+            (each evaluation draws anew); ``None`` = ``"replay"`` for ``"symmetric"``,
+            ``"fresh"`` for ``"directions"``.
         state_dtype: dtype of the moments (float32, or bfloat16 to halve their memory).
         seed: seed of the probe directions.
         backend: ``"auto" | "triton" | "cuda" | "cpu" | "torch"``.
@@ -52,13 +56,13 @@ class SAdam(Optimizer):
                  damping=1.0, probes=8, probe="gradient", probe_beta=0.9, scope="group",
                  probe_lag=1, probe_window=None, probe_delta=1e-2, probe_every=1,
                  probe_estimator="symmetric", state_dtype=torch.float32, seed=0, amsgrad=False,
-                 maximize=False, backend="auto", capturable=False):
+                 maximize=False, backend="auto", capturable=False, probe_rng=None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, damping=damping,
                         probes=probes, probe=probe, probe_beta=probe_beta, scope=scope,
                         probe_lag=probe_lag, probe_window=probe_window, probe_delta=probe_delta,
                         probe_every=probe_every, probe_estimator=probe_estimator,
                         state_dtype=state_dtype, seed=seed, amsgrad=amsgrad, maximize=maximize,
-                        backend=backend, capturable=capturable)
+                        backend=backend, capturable=capturable, probe_rng=probe_rng)
         validate_group(dict(defaults, params=[]))
         self._backends = {}
         super().__init__(params, defaults)

@@ -29,7 +29,7 @@ INVALID = [
     ("probe_window", 1), ("probe_window", 0), ("probe_delta", 0.0), ("probe_every", 0),
     ("probe_estimator", "median"), ("state_dtype", torch.float16), ("seed", -1),
     ("seed", 2 ** 32), ("amsgrad", 1), ("maximize", "yes"), ("backend", "jax"),
-    ("capturable", None),
+    ("capturable", None), ("probe_rng", "sometimes"), ("probe_rng", True),
 ]
 
 

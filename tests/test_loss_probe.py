@@ -1,11 +1,19 @@
 """probe="loss": finite differences of the loss through the closure (spec section 4)."""
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 import sadam
 from sadam import SAdam, probe_signs
+from sadam import _layout as L
+from sadam._hash import probe_key
+
+BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+    "cpu" not in sadam.available_backends(torch.device("cpu")),
+    reason="the CPU kernel of sadam._C is not built"))]
 
 
 def _closure_for(param, loss_fn, calls=None):
@@ -21,9 +29,9 @@ def _closure_for(param, loss_fn, calls=None):
     return closure
 
 
-def _probe_once(x0, loss_fn, **kwargs):
+def _probe_once(x0, loss_fn, backend="torch", **kwargs):
     x = torch.nn.Parameter(x0.clone())
-    opt = SAdam([x], lr=0.0, weight_decay=0.0, probe="loss", backend="torch", **kwargs)
+    opt = SAdam([x], lr=0.0, weight_decay=0.0, probe="loss", backend=backend, **kwargs)
     opt.step(_closure_for(x, loss_fn))
     return opt.lgi()[0].item(), x, opt
 
@@ -46,17 +54,89 @@ def test_symmetric_estimator_is_exactly_zero_on_a_linear_loss():
     assert rho < 1e-6
 
 
-def test_directions_estimator_closed_form_on_a_linear_loss():
-    """f = a.x: each probe's one-sided difference is exactly a.s_i / sqrt(n) (the directional
-    derivative); rho is their unbiased variance over their mean square."""
-    n, k = 64, 8
+def _gaussian_directions(n, k, *, seed, probing, tensor_index):
+    """The documented directions: torch.randn(k, n) from a CPU generator seeded with the
+    32-bit hash key of (seed, probing, tensor index), each row normalised."""
+    g = torch.Generator().manual_seed(int(probe_key(seed, probing, tensor_index)))
+    z = torch.randn(k, n, generator=g).double()
+    return z / z.norm(dim=1, keepdim=True)
+
+
+def _directions_rho(dp):
+    return min(max(dp.var(unbiased=True).item() / (dp.pow(2).mean().item() + 1e-6), 0.0), 10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_directions_estimator_closed_form_on_a_linear_loss(backend):
+    """f = a.x: each probe's one-sided difference is exactly a.u_i (the directional derivative
+    along the unit Gaussian direction u_i); rho is their unbiased variance over their mean
+    square."""
+    n, k = 67, 8  # not a multiple of 16: randn(k, n) differs from k calls of randn(n)
     a = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    rho, _, _ = _probe_once(torch.zeros(n), lambda x: (a.float() * x).sum(), probes=k,
+    rho, _, _ = _probe_once(torch.zeros(n), lambda x: (a.float() * x).sum(), backend, probes=k,
                             probe_estimator="directions", probe_delta=1e-2)
-    s = probe_signs(n, k, tensor_id=0, epoch=0, seed=0, dtype=torch.float64)
-    dp = (s @ a) / math.sqrt(n)
-    expected = min(max(dp.var(unbiased=True).item() / (dp.pow(2).mean().item() + 1e-6), 0.0), 10)
-    assert rho == pytest.approx(expected, rel=2e-3)  # fp32 loss differences at step 1e-2
+    dp = _gaussian_directions(n, k, seed=0, probing=0, tensor_index=0) @ a
+    assert rho == pytest.approx(_directions_rho(dp), rel=2e-3)  # fp32 differences at step 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_directions_estimator_one_rho_per_param_group(backend):
+    """Each group is probed alone: its rho is the closed form of its own directions, which
+    differ between equal-sized tensors of different groups (the group enters the key)."""
+    n, k = 32, 6
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(n, generator=gen), 5 * torch.randn(n, generator=gen)
+    x, y = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    opt = SAdam([{"params": [x]}, {"params": [y]}], lr=0.0, weight_decay=0.0, probe="loss",
+                probe_estimator="directions", probes=k, seed=9, backend=backend)
+
+    def closure(backward=True):
+        loss = (a * x).sum() + (b * y).sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    rho_x, rho_y = (r.item() for r in opt.lgi())
+    ux = _gaussian_directions(n, k, seed=9, probing=0, tensor_index=0)
+    # the documented key: the group index folded into the seed, seed ^ (0x27D4EB2F * group)
+    uy = _gaussian_directions(n, k, seed=9 ^ 0x27D4EB2F, probing=0, tensor_index=0)
+    assert not torch.allclose(ux, uy)
+    assert rho_x == pytest.approx(_directions_rho(ux @ a.double()), rel=2e-3)
+    assert rho_y == pytest.approx(_directions_rho(uy @ b.double()), rel=2e-3)
+
+
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_no_two_tensors_share_a_direction(estimator):
+    """Equal-sized tensors in different groups (same index in their group) move along different
+    directions; group 0 keeps the spec's hash for the symmetric estimator."""
+    n = 16
+    x = torch.nn.Parameter(torch.ones(n))
+    y = torch.nn.Parameter(torch.ones(n))
+    moves = []
+
+    def closure(backward=True):
+        if not backward:
+            moves.append((x.detach() - 1, y.detach() - 1))
+        loss = x.sum() + y.sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    opt = SAdam([{"params": [x]}, {"params": [y]}], lr=0.0, weight_decay=0.0, probe="loss",
+                probes=3, probe_estimator=estimator, backend="torch")
+    opt.step(closure)
+    probes_x = [dx for dx, dy in moves if dx.abs().sum() > 0]
+    probes_y = [dy for dx, dy in moves if dy.abs().sum() > 0]
+    assert probes_x and probes_y
+    for dx in probes_x:
+        for dy in probes_y:
+            assert not torch.allclose(dx.sign(), dy.sign())
+    if estimator == "symmetric":
+        expected = probe_signs(n, 3, tensor_id=0, epoch=0, seed=0)[0]
+        assert torch.equal(moves[0][0].sign(), expected)
 
 
 def test_step_without_closure_raises():
@@ -68,24 +148,28 @@ def test_step_without_closure_raises():
     assert torch.equal(x.detach(), torch.zeros(3)) and not opt.state[x]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("estimator", ["symmetric", "directions"])
-def test_parameters_restored_bit_exactly(dtype, estimator):
+def test_parameters_restored_bit_exactly(dtype, estimator, backend):
     x0 = torch.randn(37, generator=torch.Generator().manual_seed(3)).to(dtype) * 7
-    rho, x, _ = _probe_once(x0, lambda x: (x.float().sin() * 3).abs().sum(),
+    rho, x, _ = _probe_once(x0, lambda x: (x.float().sin() * 3).abs().sum(), backend,
                             probe_estimator=estimator, probe_delta=0.3)
     assert torch.equal(x.detach(), x0)  # lr = 0: any change would come from the probes
     assert rho > 0
 
 
-def test_probing_does_not_change_the_update():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_probing_does_not_change_the_update(estimator, backend):
     """With damping=0 the loss probe runs but the trajectory is AdamW's on the same closures."""
     torch.manual_seed(4)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     twin.load_state_dict(net.state_dict())
     x, y = torch.randn(16, 5), torch.randn(16, 1)
-    opt = SAdam(net.parameters(), lr=1e-2, damping=0.0, probe="loss", backend="torch")
+    opt = SAdam(net.parameters(), lr=1e-2, damping=0.0, probe="loss", backend=backend,
+                probe_estimator=estimator)
     ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
     for model, o in ((net, opt), (twin, ref)):
         def closure(backward=True, model=model, o=o):
@@ -101,24 +185,34 @@ def test_probing_does_not_change_the_update():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
-def test_dropout_masks_replayed_and_rng_continues_as_without_probes():
-    torch.manual_seed(5)
-    w = torch.nn.Parameter(torch.randn(32))
+@pytest.mark.parametrize("estimator, probe_rng, same_masks", [
+    ("symmetric", None, True), ("symmetric", "fresh", False), ("directions", None, False),
+    ("directions", "fresh", False), ("directions", "replay", True)])
+def test_dropout_masks_replayed_or_fresh_and_rng_continues_as_without_probes(
+        estimator, probe_rng, same_masks):
+    """"replay" (the symmetric default) evaluates every probe with the first evaluation's
+    dropout mask, "fresh" (the directions default) draws a new one each time; either way the
+    random-number state continues as if no probe had run."""
+    w = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(5)))
     drop = torch.nn.Dropout(0.5)
     masks = []
 
     def loss_fn(p):
-        out = drop(torch.ones(32)) * p
+        out = drop(torch.ones(64)) * p
         masks.append(out.detach() != 0)
         return out.pow(2).sum()
 
-    opt = SAdam([w], lr=1e-3, probe="loss", probes=3, backend="torch")
+    opt = SAdam([w], lr=1e-3, probe="loss", probes=3, probe_estimator=estimator,
+                probe_rng=probe_rng, backend="torch")
     torch.manual_seed(6)
     opt.step(_closure_for(w, loss_fn))
     after_step = torch.rand(4)
-    assert len(masks) == 1 + 2 * 3
-    assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    assert len(masks) == 1 + (2 * 3 if estimator == "symmetric" else 3)
     assert masks[0].float().mean().item() not in (0.0, 1.0)  # dropout really drew a mask
+    if same_masks:
+        assert all(torch.equal(m, masks[0]) for m in masks[1:])
+    else:
+        assert len({tuple(m.tolist()) for m in masks}) == len(masks)
 
     torch.manual_seed(6)  # the same closure evaluated once, no probes
     loss_fn(w)
@@ -183,3 +277,137 @@ def test_preserve_buffers_keeps_batch_norm_statistics():
     assert model[1].num_batches_tracked.item() == 1
     torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
     torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=0)
+
+
+def _bn_model_and_twin():
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    twin.load_state_dict(model.state_dict())
+    return model, twin
+
+
+def _assert_bn_as_after_forwards(model, twin, x, forwards):
+    for _ in range(forwards):
+        twin(x)  # the oracle: the closure's training forwards, no probes
+    assert model[1].num_batches_tracked.item() == forwards
+    torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+@pytest.mark.parametrize("keyword", [True, False])
+def test_probes_never_move_batch_norm_statistics(keyword, estimator, backend):
+    """Without any helper in the closure, plain or with the ``backward`` keyword: after two steps
+    the running statistics are those of the closure's two training forwards."""
+    model, twin = _bn_model_and_twin()
+    x = torch.randn(10, 4)
+    opt = SAdam(model.parameters(), lr=0.0, weight_decay=0.0, probe="loss", probes=2,
+                probe_estimator=estimator, backend=backend)
+
+    def training_loss():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    if keyword:
+        def closure(backward=True):
+            return training_loss() if backward else model(x).pow(2).mean()
+    else:
+        closure = training_loss
+    for _ in range(2):
+        opt.step(closure)
+    _assert_bn_as_after_forwards(model, twin, x, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_non_finite_probe_loss_keeps_the_statistics(estimator, backend):
+    """One probing whose evaluations return inf (or NaN) leaves rho and the statistics as they
+    were; later probings go on from there and the parameters stay finite."""
+    torch.manual_seed(8)
+    w = torch.nn.Parameter(torch.randn(12))
+    poison = {"value": None}
+
+    def closure(backward=True):
+        loss = (w - 1).abs().sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        return loss if poison["value"] is None else loss * poison["value"]
+
+    opt = SAdam([w], lr=1e-2, damping=1.0, probe="loss", probes=3, probe_estimator=estimator,
+                backend=backend)
+    for _ in range(2):
+        opt.step(closure)
+    stats = opt.state[w]["probe_stats"]
+    k = 3
+    kept = stats.clone()
+    for bad in (float("inf"), float("nan")):
+        poison["value"] = bad
+        opt.step(closure)
+        changed = [c for c in range(stats.shape[1]) if stats[0, c] != kept[0, c]]
+        assert changed == [L.epoch_col(k)]  # only the step counter of probe_every moved
+        assert opt.lgi()[0].item() == kept[0, L.rho_col(k)].item()
+        assert torch.isfinite(w).all()
+        kept = stats.clone()
+    poison["value"] = None
+    opt.step(closure)
+    assert math.isfinite(opt.lgi()[0].item()) and torch.isfinite(w).all()
+    assert stats[0, L.count_col(k)].item() == 3  # probings 1, 2 and 5 counted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_found_inf_step_changes_nothing_with_the_loss_probe(estimator, backend):
+    """A GradScaler overflow step (found_inf set) changes nothing: parameters, moments, step,
+    probe statistics and rho stay, and no probe evaluation runs."""
+    torch.manual_seed(9)
+    w = torch.nn.Parameter(torch.randn(10))
+    calls = []
+    opt = SAdam([w], lr=1e-2, probe="loss", probes=2, probe_estimator=estimator, backend=backend)
+    closure = _closure_for(w, lambda p: (p - 1).abs().sum(), calls)
+    opt.step(closure)
+    opt.step(closure)
+    before = {name: v.clone() for name, v in opt.state[w].items()}
+    w0, rho0, calls_before = w.detach().clone(), opt.lgi()[0].clone(), len(calls)
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step(closure)
+    assert torch.equal(w.detach(), w0)
+    for name, value in before.items():
+        assert torch.equal(opt.state[w][name], value), name
+    assert torch.equal(opt.lgi()[0], rho0)
+    assert calls[calls_before:] == [True]  # the closure's own evaluation only
+    opt.found_inf = torch.tensor(0.0)
+    opt.step(closure)
+    assert not torch.equal(w.detach(), w0)  # a finite step goes on
+
+
+def _readme_block(marker):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    found = [b for b in blocks if marker in b]
+    assert len(found) == 1, f"one README python block with {marker!r}"
+    return found[0]
+
+
+def test_readme_loss_probe_snippet_runs_as_written():
+    namespace = {}
+    exec(compile(_readme_block('probe="loss"'), "README.md", "exec"), namespace)
+    opt = namespace["opt"]
+    assert isinstance(opt, SAdam) and 0 <= opt.lgi()[0].item() <= 1
+
+
+def test_loss_probe_signs_are_the_spec_hash_with_the_group_in_the_seed():
+    """Group 0 keeps sadam-spec's hash (all 32 bits); group g hashes with
+    seed ^ (0x27D4EB2F * g mod 2**32)."""
+    from sadam._loss_directions import sign_directions
+    p = torch.zeros(3, 333)
+    for seed, group in ((0, 0), (12345, 0), (2 ** 32 - 1, 0), (7, 1), (7, 5)):
+        ours = sign_directions(p, 32, seed=seed, group_index=group, tensor_index=3, probing=9)
+        spec_seed = seed ^ ((0x27D4EB2F * group) & 0xFFFFFFFF)
+        assert torch.equal(ours.float(), probe_signs(999, 32, tensor_id=3, epoch=9,
+                                                     seed=spec_seed))
