@@ -3,15 +3,17 @@
 Run (GPU): ``.venv/bin/python -m pytest bench/bench_triton.py --benchmark-json=bench/results/<gpu>.json``
 
 Shapes: GPT-2 Large (774M parameters) and a Llama-style stack (4 decoder layers of a 7B model
-plus its embedding, 940M). fp32 and bf16 parameters; for bf16 every optimizer keeps its moments
-in bf16 (torch's AdamW keeps them in the parameter dtype, SAdam gets ``state_dtype=bf16``).
-Each timed call is one ``step()`` followed by ``torch.cuda.synchronize()``. ``extra_info`` holds:
+plus its embedding, 940M). fp32 and bf16 parameters. torch's AdamW and optimi keep their moments
+in the parameter dtype; SAdam keeps fp32 moments (its default), so with bf16 parameters it moves
+22 bytes per parameter where torch's AdamW moves 14.
 
-* ``ratio_vs_torch_fused`` -- median step time / median torch fused AdamW step time, both
-  measured in this run on the same tensors;
-* ``gbps_at_28B_per_param`` -- 28 bytes per parameter (fp32 p, g, m, v in; p, m, v out) over the
-  median time: the bandwidth figure fused AdamW is judged by;
-* ``bytes_per_param`` -- the traffic this configuration actually moves per parameter;
+Every optimizer, the baseline included, is timed the same way: CUDA events around one ``step()``
+(no host clock), median over ROUNDS steps after warm-up. ``extra_info`` holds:
+
+* ``median_s`` and ``ratio_vs_torch_fused`` -- the event median, and it over torch fused AdamW's
+  event median measured in this run on the same tensors;
+* ``bytes_per_param`` -- the traffic this configuration moves per parameter, counted exactly
+  (``bytes_per_param()``), and ``gbps`` -- that traffic over the median time;
 * ``peak_extra_bytes`` -- peak memory allocated during one step beyond what was live before it.
 """
 import statistics
@@ -57,7 +59,7 @@ def sadam(lag):
     def build(params, dtype):
         from sadam import SAdam
         return SAdam(params, lr=1e-4, weight_decay=0.01, damping=1.0, probe_lag=lag,
-                     backend="triton", state_dtype=dtype)
+                     backend="triton")
     return build
 
 
@@ -81,19 +83,36 @@ OPTIMIZERS = {
 }
 
 
+def bytes_per_param(name: str, dtype: torch.dtype) -> int:
+    """Global traffic of one step per parameter: p, g, m, v read and p, m, v written, in each
+    optimizer's dtypes, plus what the variant adds (lag 0 reads g a second time in its probe
+    pass; optimi's Kahan summation reads and writes a compensation buffer for low-precision
+    parameters). The k probe partials per 16384-element chunk are below a byte."""
+    p = g = torch.finfo(dtype).bits // 8
+    state = 4 if name.startswith("sadam") else p
+    moved = 2 * p + g + 4 * state
+    if name == "sadam-triton-lag0":
+        moved += g
+    if name == "optimi-adamw" and dtype != torch.float32:
+        moved += 2 * p
+    return moved
+
+
+def timed_step(opt) -> float:
+    """One step between two CUDA events, in seconds."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def median_step_seconds(opt, rounds=ROUNDS):
     """Median of CUDA-event timed steps (after two warm-up steps)."""
     for _ in range(2):
         opt.step()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        opt.step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_step(opt) for _ in range(rounds))
 
 
 _baseline = {}
@@ -129,16 +148,12 @@ def test_optimizer_step(benchmark, name, model, dtype_name):
     torch.cuda.synchronize()
     peak_extra = torch.cuda.max_memory_allocated() - before
 
-    def step():
-        opt.step()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
-    size = torch.finfo(dtype).bits // 8
+    times = []
+    benchmark.pedantic(lambda: times.append(timed_step(opt)), rounds=ROUNDS, iterations=1,
+                       warmup_rounds=1)
+    median = statistics.median(times[-ROUNDS:])  # the warm-up round appended one too
+    moved = bytes_per_param(name, dtype)
     benchmark.extra_info.update(
         model=model, dtype=dtype_name, params=numel, device=torch.cuda.get_device_name(),
-        torch_fused_median_s=baseline, ratio_vs_torch_fused=median / baseline,
-        gbps_at_28B_per_param=28 * numel / median / 1e9,
-        bytes_per_param=7 * size,  # p, g, m, v read and p, m, v written, all in this dtype
-        peak_extra_bytes=peak_extra)
+        median_s=median, torch_fused_median_s=baseline, ratio_vs_torch_fused=median / baseline,
+        bytes_per_param=moved, gbps=moved * numel / median / 1e9, peak_extra_bytes=peak_extra)

@@ -208,6 +208,10 @@ def test_probe_count_extremes(probes):
     run_both(Group([(1500,), (4, 5)], probes=probes), steps=4)
 
 
+def test_default_betas_against_reference():
+    run_both(Group([(2000,), (3, 5)]), steps=5, beta1=0.9, beta2=0.999, damping=0.5)
+
+
 @pytest.mark.parametrize("lr_device", [DEVICE, "cpu"])
 def test_tensor_hyperparameters_and_grad_scale(lr_device):
     """Device-scalar hyperparameters (and an lr kept on the CPU, as schedulers may)."""
@@ -229,6 +233,63 @@ def test_non_contiguous_and_unaligned_parameters():
     buffer[1:] = group.params[1]
     group.params[1] = buffer[1:]  # contiguous, but 4 bytes past an aligned address
     run_both(group, steps=3)
+
+
+def test_alignment_is_decided_per_tensor():
+    """One offset slice must not take the vector path away from the aligned tensors beside it."""
+    from sadam.triton_kernels import _tables, update
+    group = Group([(16384 * 2,), (16390,), (300,)])
+    buffer = torch.zeros(16391, device=DEVICE)
+    buffer[1:] = group.params[1]
+    group.params[1] = buffer[1:]  # 4 bytes past an aligned address, two chunks long
+    step = GroupStep(group.params, [torch.ones_like(p) for p in group.params], group.exp_avgs,
+                     group.exp_avg_sqs, [], group.steps, group.stats, group.scope_rows,
+                     [0, 1, 2], [0, 0, 0], lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                     weight_decay=0.0, damping=0.0, amsgrad=False, maximize=False, probes=8,
+                     probe_beta=0.9, window=0, seed=1)
+    flags = _tables.addresses_of(step, torch.device(DEVICE))[:, update.ALIGNED.value]
+    assert flags.tolist() == [1, 0, 1]
+    run_both(group, steps=2)
+
+
+@pytest.mark.parametrize("probes", [1, 32])
+def test_probe_off_launch_does_not_depend_on_k(probes, monkeypatch):
+    """probe="off" updates like AdamW whatever k is, with the same launch configuration."""
+    from sadam.triton_kernels import update
+    launches = []
+    kernel = update.multi_tensor_step_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append({k: kwargs[k] for k in ("K", "K_PAD", "BLOCK", "ITERS")})
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(update, "multi_tensor_step_kernel", Spy())
+    run_both(Group([(3000,), (5, 7)], probes=probes), steps=2, probe="off")
+    assert launches and all(c == dict(K=0, K_PAD=2, BLOCK=512, ITERS=32) for c in launches)
+
+
+def test_default_betas_match_torch_adamw():
+    """damping=0 with the default betas (0.9, 0.999) against torch's AdamW, zero biases included:
+    the bias corrections 1 - 0.999**t are where fp32 coefficients lose ~1e-4 relative."""
+    from sadam import SAdam
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.randn(700, generator=gen).to(DEVICE), torch.zeros(33, device=DEVICE)]
+    twins = [w.clone() for w in weights]
+    for w in weights + twins:
+        w.requires_grad_(True)
+    ours = SAdam(weights, lr=1e-3, weight_decay=1e-2, damping=0.0, backend="triton")
+    oracle = torch.optim.AdamW(twins, lr=1e-3, weight_decay=1e-2, foreach=False)
+    for _ in range(12):
+        for a, b in zip(weights, twins):
+            a.grad = torch.randn(a.shape, generator=gen).to(DEVICE)
+            b.grad = a.grad.clone()
+        ours.step()
+        oracle.step()
+    for a, b in zip(weights, twins):
+        torch.testing.assert_close(a, b, rtol=REL_TOL, atol=1e-7)
 
 
 def test_reallocated_grads_between_steps():

@@ -21,7 +21,6 @@ from .update import LAYOUT_COLS
 # Elements owned by one program of the multi-tensor pass. Large, so the probe partials (k floats
 # per chunk) stay small and their single-program-per-row reduction stays cheap.
 CHUNK = 16384
-PROBE_TILE = 4096  # elements x probes per inner iteration: bounds the registers of the probe sums
 REDUCE_TILE = 8192  # partials x probes per iteration of the reduction
 CACHE_SIZE = 16
 
@@ -122,15 +121,38 @@ def layout_of(step, device: torch.device) -> Layout:
     return _layouts.get(key, lambda: _build_layout(step, device))
 
 
-def block_size(probe_width: int) -> Tuple[int, int, int]:
-    """(BLOCK, ITERS, num_warps) of the multi-tensor pass for a padded probe count.
+@dataclass(frozen=True)
+class LaunchConfig:
+    k_pad: int  # probes padded to a power of two (rows of the register accumulator)
+    block: int  # elements per loop trip of a program
+    iters: int  # loop trips per chunk (block * iters == CHUNK)
+    num_warps: int
 
-    Four elements per thread (one 16-byte fp32 vector) and at most PROBE_TILE sign/gradient
-    products per inner iteration: per the sm_90 resource report that keeps the default k = 8
-    pass at about 96 registers without spills. Not yet tuned by GPU timing.
+
+ACCUMULATOR_REGISTERS = 32  # probe sums one thread keeps across the loop (K_PAD x its elements)
+VECTOR_ELEMENTS = 4  # per thread: one 16-byte access of fp32
+WARPS = 4
+
+
+def probe_width(probes: int) -> int:
+    """Rows of the probe accumulator: k rounded up to a power of two (at least 2)."""
+    return max(2, 1 << (max(probes, 1) - 1).bit_length())
+
+
+def launch_config(probes: int) -> LaunchConfig:
+    """Block shape of the multi-tensor pass; ``probes`` = 0 when no probe sums are emitted, so
+    ``probe="off"`` and the lag-0 update do not depend on k.
+
+    Each thread handles VECTOR_ELEMENTS consecutive elements per trip (16-byte fp32 accesses)
+    and keeps k_pad sums per element in registers; for k > 8 it handles fewer elements, so the
+    accumulator stays at ACCUMULATOR_REGISTERS and no k in 1..32 spills (sm_90 report).
     """
-    block = min(512, PROBE_TILE // probe_width)
-    return block, CHUNK // block, max(1, block // 128)
+    k_pad = probe_width(probes)
+    per_thread = VECTOR_ELEMENTS
+    if probes:
+        per_thread = max(1, min(VECTOR_ELEMENTS, ACCUMULATOR_REGISTERS // k_pad))
+    block = per_thread * 32 * WARPS
+    return LaunchConfig(k_pad, block, CHUNK // block, WARPS)
 
 
 def reduce_block(probe_width: int) -> int:
@@ -138,9 +160,14 @@ def reduce_block(probe_width: int) -> int:
     return REDUCE_TILE // probe_width
 
 
-def addresses_of(step, device: torch.device) -> Tuple[torch.Tensor, bool]:
-    """int64 [T, ADDRESS_COLS] addresses of p, g, m, v, vmax (0 without amsgrad) and the step
-    count of every tensor, and whether all element addresses are ALIGNMENT-byte aligned."""
+def _aligned(*addresses: int) -> int:
+    return int(all(a % ALIGNMENT == 0 for a in addresses))
+
+
+def addresses_of(step, device: torch.device) -> torch.Tensor:
+    """int64 [T, ADDRESS_COLS]: addresses of p, g, m, v, vmax (0 without amsgrad) and the step
+    count of every tensor, and whether that tensor's element addresses are all ALIGNMENT-byte
+    aligned (its full chunks then take 16-byte vector accesses; decided per tensor)."""
     vmax = step.max_exp_avg_sqs if step.amsgrad else [None] * len(step.params)
     rows = tuple((p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
                   0 if x is None else x.data_ptr(), s.data_ptr())
@@ -148,6 +175,5 @@ def addresses_of(step, device: torch.device) -> Tuple[torch.Tensor, bool]:
                                              step.exp_avg_sqs, vmax, step.steps))
 
     def build():
-        aligned = all(a % ALIGNMENT == 0 for r in rows for a in r[:5])
-        return _to_device(list(rows), torch.int64, device), aligned
+        return _to_device([r + (_aligned(*r[:5]),) for r in rows], torch.int64, device)
     return _addresses.get((device, rows), build)

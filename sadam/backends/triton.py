@@ -7,9 +7,11 @@ with the update switched off, ``finalize`` one program per scope row. Nothing re
 back to the host; hyperparameters are runtime arguments (numbers or device scalars), so changing
 lr never recompiles.
 """
+import contextlib
 import dataclasses
 import math
 import os
+import struct
 
 import torch
 
@@ -67,18 +69,23 @@ def _scalar(x, device):
     return float(x)
 
 
-def _beta(x, device):
-    """Kernel arguments (beta, 1 - beta, log2 beta) of a beta: a number's complement and log are
-    taken in double precision here, as the reference does; a device scalar's in the kernel."""
-    if isinstance(x, torch.Tensor) and not _on_host(x, device):
-        return _scalar(x, device), None, None
+def _halves(x: float):
+    """(hi, lo): a float64 number as two fp32 kernel arguments whose sum is its value to 48 bits,
+    so the kernel's float64 coefficients start from the user's double, not its fp32 rounding."""
     x = float(x)
-    return x, 1.0 - x, math.log2(x) if x > 0 else -math.inf
+    if not math.isfinite(x) or abs(x) > 3e38:
+        return x, 0.0
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
 
 
-def _probe_width(step: GroupStep) -> int:
-    import triton
-    return max(2, triton.next_power_of_2(step.probes))
+def _scalar64(name, x, device) -> dict:
+    """Kernel arguments ``name`` and ``name_lo`` of a float64 hyperparameter: a float64 device
+    scalar (no host read) or a number's two fp32 halves."""
+    if isinstance(x, torch.Tensor) and not _on_host(x, device):
+        return {name: x.to(device=device, dtype=torch.float64), name + "_lo": None}
+    hi, lo = _halves(x)
+    return {name: hi, name + "_lo": lo}
 
 
 def _dense(step: GroupStep):
@@ -115,26 +122,32 @@ def _flag(x, device):
     return None if x is None else x.to(device)
 
 
+def _device_guard(device: torch.device):
+    """Launch on the tensors' GPU, whatever the current device is."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
     """One multi-tensor launch per dtype bucket; returns d when ``emit_probe``."""
     tables, update_mod, probe_mod, _ = _kernels()
     device = _device(step)
     layout = tables.layout_of(step, device)
-    addresses, aligned = tables.addresses_of(step, device)
-    k_pad = _probe_width(step)
-    block, iters, num_warps = tables.block_size(k_pad)
+    addresses = tables.addresses_of(step, device)
+    config = tables.launch_config(step.probes if emit_probe else 0)
     partials = None
     if emit_probe:
-        partials = torch.empty(max(layout.num_chunks, 1), k_pad, dtype=torch.float32,
+        partials = torch.empty(max(layout.num_chunks, 1), config.k_pad, dtype=torch.float32,
                                device=device)
-    (beta1, beta1_comp, beta1_log2), (beta2, beta2_comp, beta2_log2) = (
-        _beta(step.beta1, device), _beta(step.beta2, device))
     args = dict(
-        lr=_scalar(step.lr, device), beta1=beta1, beta2=beta2, beta1_comp=beta1_comp,
-        beta2_comp=beta2_comp, beta1_log2=beta1_log2, beta2_log2=beta2_log2, eps=float(step.eps),
-        weight_decay=_scalar(step.weight_decay, device), damping=_scalar(step.damping, device),
+        **_scalar64("lr", step.lr, device), **_scalar64("weight_decay", step.weight_decay, device),
+        **_scalar64("beta1", step.beta1, device), **_scalar64("beta2", step.beta2, device),
+        eps=float(step.eps), damping=_scalar(step.damping, device),
         grad_scale=_flag(step.grad_scale, device), found_inf=_flag(step.found_inf, device),
         window=int(step.window))
+    # the statistics columns are only read when probing or damping: otherwise k does not matter
+    k = step.probes if (emit_probe or damped) else 0
     for bucket in layout.buckets:
         p_kind, g_kind, s_kind = bucket.kinds
         chunks = slice(bucket.start, bucket.start + bucket.num_chunks)
@@ -143,14 +156,14 @@ def _pass(step: GroupStep, *, do_update: bool, damped: bool, emit_probe: bool):
             step.stats.stride(0), partials[chunks] if emit_probe else None, **args,
             P_KIND=p_kind, G_KIND=g_kind, S_KIND=s_kind, DO_UPDATE=do_update,
             EMIT_PROBE=emit_probe, DAMPED=damped, AMSGRAD=step.amsgrad, MAXIMIZE=step.maximize,
-            K=step.probes, K_PAD=k_pad, BLOCK=block, ITERS=iters, ALIGNED=aligned,
-            num_warps=num_warps)
+            K=k, K_PAD=config.k_pad, BLOCK=config.block, ITERS=config.iters,
+            num_warps=config.num_warps)
     if not emit_probe:
         return None
     d = torch.empty(step.stats.shape[0], step.probes, dtype=torch.float32, device=device)
     probe_mod.reduce_partials_kernel[(d.shape[0],)](
-        partials, layout.row_start, layout.row_chunks, d, K=step.probes, K_PAD=k_pad,
-        RBLOCK=tables.reduce_block(k_pad), num_warps=8)
+        partials, layout.row_start, layout.row_chunks, d, K=step.probes, K_PAD=config.k_pad,
+        RBLOCK=tables.reduce_block(config.k_pad), num_warps=8)
     return d
 
 
@@ -167,26 +180,29 @@ def _count_steps(step: GroupStep) -> None:
 
 
 def update(step: GroupStep, *, damped: bool, emit_probe: bool):
-    dense_step, copies = _dense(step)
-    _count_steps(step)
-    d = _pass(dense_step, do_update=True, damped=damped, emit_probe=emit_probe)
-    for original, copy in copies:
-        original.copy_(copy)
+    with _device_guard(_device(step)):
+        dense_step, copies = _dense(step)
+        _count_steps(step)
+        d = _pass(dense_step, do_update=True, damped=damped, emit_probe=emit_probe)
+        for original, copy in copies:
+            original.copy_(copy)
     return d
 
 
 def directional_derivatives(step: GroupStep) -> torch.Tensor:
-    dense_step, _ = _dense(step)
-    return _pass(dense_step, do_update=False, damped=False, emit_probe=True)
+    with _device_guard(_device(step)):
+        dense_step, _ = _dense(step)
+        return _pass(dense_step, do_update=False, damped=False, emit_probe=True)
 
 
 def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     tables, _, _, finalize_mod = _kernels()
     device = _device(step)
-    layout = tables.layout_of(step, device)
-    d = d.to(device=device, dtype=torch.float32).contiguous()
-    finalize_mod.finalize_kernel[(len(step.rows_present),)](
-        step.stats, step.stats.stride(0), d, layout.rows, _scalar(step.damping, device),
-        _flag(step.found_inf, device), float(step.probe_beta), 1.0 - float(step.probe_beta),
-        int(step.window), LAG=int(lag),
-        K=step.probes, K_PAD=_probe_width(step), num_warps=1)
+    with _device_guard(device):
+        layout = tables.layout_of(step, device)
+        d = d.to(device=device, dtype=torch.float32).contiguous()
+        finalize_mod.finalize_kernel[(len(step.rows_present),)](
+            step.stats, step.stats.stride(0), d, layout.rows, _scalar(step.damping, device),
+            _flag(step.found_inf, device), float(step.probe_beta), 1.0 - float(step.probe_beta),
+            int(step.window), LAG=int(lag),
+            K=step.probes, K_PAD=tables.probe_width(step.probes), num_warps=1)
