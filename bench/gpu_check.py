@@ -463,11 +463,11 @@ def stage_huge(budget, numel=2**31 + 5, window=4096):
 
 # (name, function, budget in seconds); the budgets sum to TOTAL_BUDGET_S at most
 PLAN = [
-    ("build", stage_build, 150),
-    ("tests", stage_tests, 120),
+    ("build", stage_build, 130),
+    ("tests", stage_tests, 150),
     ("sync", stage_sync, 20),
     ("oracle", stage_oracle, 40),
-    ("timing", stage_timing, 90),
+    ("timing", stage_timing, 80),
     ("capture", stage_capture, 20),
     ("huge", stage_huge, 30),
 ]
@@ -523,7 +523,7 @@ def output_paths(slug):
     return base + ".json", base + ".md"
 
 
-def run(stages=None):
+def run(stages=None, copy_to=None):
     import torch
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run to check the plan", file=sys.stderr)
@@ -563,7 +563,7 @@ def run(stages=None):
         report["stages"][name] = entry
         print(f"gpu_check: {name}: {entry['status']} ({entry['seconds']:.1f} s)", flush=True)
         report["seconds"] = time.time() - started
-        _write(report, json_path, md_path)  # after every stage: a later crash keeps the rest
+        _write(report, json_path, md_path, copy_to)  # after every stage: a crash keeps the rest
     print(markdown(report))
     return 0 if all(s["status"] == "ok" for s in report["stages"].values()) else 1
 
@@ -574,11 +574,14 @@ def _sadam_fresh():
     importlib.invalidate_caches()
 
 
-def _write(report, json_path, md_path):
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(md_path, "w") as f:
-        f.write(markdown(report))
+def _write(report, json_path, md_path, copy_to=None):
+    for folder in filter(None, (os.path.dirname(json_path), copy_to)):
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, os.path.basename(json_path)[:-len(".json")])
+        with open(base + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        with open(base + ".md", "w") as f:
+            f.write(markdown(report))
 
 
 def dry_run():
@@ -652,10 +655,12 @@ def main(argv=None):
                         help="check the plan, imports and output paths without a GPU")
     parser.add_argument("--stages", nargs="*", metavar="STAGE",
                         help="run only these stages (default: all, in order)")
+    parser.add_argument("--copy-to", metavar="DIR",
+                        help="also write the JSON and markdown files into DIR")
     args = parser.parse_args(argv)
     if args.dry_run:
         return dry_run()
-    return run(args.stages)
+    return run(args.stages, args.copy_to)
 
 
 if __name__ == "__main__":
