@@ -73,11 +73,13 @@ struct StepFunctor {
   // 16 bytes of the narrowest stream per thread and iteration (4 fp32 or 8 bf16 elements)
   static constexpr int kVecN = kVecBytes / (sizeof(P) < sizeof(S) ? sizeof(P) : sizeof(S));
   // Resident blocks of 256 threads per SM that the register budget must allow: 4 (64
-  // registers, half the SM's threads) up to 8 probes, fewer as the probe sums grow. Tighter caps
-  // spill (-Xptxas -v: 48 registers spill even without probes, around the calls of the IEEE
-  // division and square-root slow paths). Each thread has four 16-byte loads in flight, so half
-  // occupancy keeps 64 KB per SM in flight, more than the memory latency needs.
-  static constexpr int kMinBlocks = kBucket <= 8 ? 4 : kBucket <= 16 ? 3 : 2;
+  // registers, half the SM's threads) up to 8 probes, fewer as the probe sums grow or amsgrad
+  // adds a stream. Tighter caps spill (-Xptxas -v: 48 registers spill even without probes,
+  // around the calls of the IEEE division and square-root slow paths). Each thread has four
+  // 16-byte loads in flight, so half occupancy keeps 64 KB per SM in flight, more than the
+  // memory latency needs.
+  static constexpr int kMinBlocks =
+      kBucket <= 8 ? (kAmsgrad ? 3 : 4) : kBucket <= 16 ? 3 : 2;
 
   StepArgs a;
 
