@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(wildcard csrc/*)
 
-.PHONY: test test-oldest demo bench soak pss-demo build venv clean
+.PHONY: test test-oldest demo bench soak pss-demo build venv clean gpu-check
 
 venv: $(VENV)/.deps
 build: $(VENV)/.built
@@ -64,3 +64,9 @@ clean:
 
 pss-demo: build
 	$(PY) -m sadam.pss_demo
+
+# On a machine with a CUDA GPU, under that machine's own python3 (no .venv, no network): rebuilds
+# the extension, runs the GPU tests, sync/oracle/timing/capture/2^31-element checks and writes
+# bench/results/<GPU>-gpu-check.{json,md}. `python3 bench/gpu_check.py --dry-run` checks the plan.
+gpu-check:
+	python3 bench/gpu_check.py

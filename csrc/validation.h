@@ -34,11 +34,14 @@ inline void check_stats(const at::Tensor& stats, int64_t probes, at::DeviceType 
               device);
 }
 
+// `hyper` may also be a CPU tensor for device kernels: numbers the host knows, which the kernels
+// then take as launch arguments (no host-to-device copy, so no sync).
 inline void check_hyper(const at::Tensor& hyper, at::DeviceType device) {
-  TORCH_CHECK(hyper.device().type() == device && hyper.scalar_type() == at::kDouble &&
-                  hyper.numel() == kNumHyper && hyper.is_contiguous(),
+  TORCH_CHECK((hyper.device().type() == device || hyper.device().type() == at::kCPU) &&
+                  hyper.scalar_type() == at::kDouble && hyper.numel() == kNumHyper &&
+                  hyper.is_contiguous(),
               "sadam: hyper must be a float64 tensor [lr, beta1, beta2, weight_decay, damping] "
-              "on ", device);
+              "on ", device, " or on the CPU");
 }
 
 inline void check_probe_args(at::TensorList grads, const at::Tensor& stats,

@@ -8,6 +8,7 @@ import torch
 from sadam import _layout as L
 from sadam import _ops
 from sadam.backends.step import GroupStep
+from sadam.functional import sadam as functional_sadam
 
 
 def require(device: str):
@@ -99,6 +100,42 @@ def assert_stats_close(stats, stats_ref, probes):
         assert (stats[:, col] - stats_ref[:, col]).abs().max() <= 1e-4, f"column {col} differs"
 
 
+def run_functional(group, backend, lag, probe="gradient"):
+    """One step of `group` through sadam.functional (the optimizer's own stage order)."""
+    functional_sadam(group["params"], group["grads"], group["exp_avgs"], group["exp_avg_sqs"],
+                     group["max_exp_avg_sqs"], group["steps"], group["stats"],
+                     scope_rows=group["scope_rows"], tensor_ids=group["tensor_ids"],
+                     offsets=group["offsets"], lr=group["lr"], beta1=group["beta1"],
+                     beta2=group["beta2"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     damping=group["damping"], amsgrad=group["amsgrad"],
+                     maximize=group["maximize"], probe=probe, probes=group["probes"],
+                     probe_beta=group["probe_beta"], probe_lag=lag,
+                     probe_window=group["window"] or None, seed=group["seed"],
+                     grad_scale=group.get("grad_scale"), found_inf=group.get("found_inf"),
+                     backend=backend)
+
+
+def assert_groups_match(ours, ref):
+    """The spec's tolerances between two groups (any device)."""
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+        for i, (a, e) in enumerate(zip(ours[name], ref[name])):
+            if e.dtype in (torch.bfloat16, torch.float16):
+                assert_within_ulp(a.cpu(), e.cpu(), f"{name}[{i}]")
+            else:
+                assert_rel(a.cpu(), e.cpu(), 1e-5, f"{name}[{i}]")
+    for a, e in zip(ours["steps"], ref["steps"]):
+        assert torch.equal(a.cpu(), e.cpu())
+    assert_stats_close(ours["stats"].cpu(), ref["stats"].cpu(), ours["probes"])
+
+
+def resync(ours, ref):
+    """Copy the reference state into ours so each step is compared from identical inputs."""
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+        for a, e in zip(ours[name], ref[name]):
+            a.copy_(e)
+    ours["stats"].copy_(ref["stats"])
+
+
 def row_abs_sums(group):
     sums = torch.zeros(group["stats"].shape[0], dtype=torch.float64)
     for row, g in zip(group["scope_rows"], group["grads"]):
@@ -106,5 +143,6 @@ def row_abs_sums(group):
     return sums
 
 
-__all__ = ["require", "make_group", "step_of", "new_grads", "clone", "assert_rel",
-           "assert_within_ulp", "assert_d_close", "assert_stats_close", "row_abs_sums", "_ops"]
+__all__ = ["require", "make_group", "step_of", "new_grads", "copy_grads", "clone", "assert_rel",
+           "assert_within_ulp", "assert_d_close", "assert_stats_close", "row_abs_sums",
+           "run_functional", "assert_groups_match", "resync", "_ops"]

@@ -29,14 +29,27 @@ def available(device: torch.device):
     return True, ""
 
 
+def _is_device_value(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.device.type != "cpu"
+
+
 def _hyper(step: GroupStep, device) -> torch.Tensor:
-    """[lr, beta1, beta2, weight_decay, damping] as one float64 device tensor (no host reads):
-    the kernels derive their scalar coefficients in float64 like torch's AdamW."""
+    """[lr, beta1, beta2, weight_decay, damping] as one float64 tensor, built without a host
+    sync: the kernels derive their scalar coefficients from it in float64 like torch's AdamW.
+
+    Numbers (floats, CPU tensors) stay on the CPU: the CUDA kernels take them as launch
+    arguments, so no host-to-device copy runs (a copy from pageable memory would wait for the
+    device, and could not be captured in a CUDA graph). When any value lives on a device, all
+    five are gathered there with device ops only (a fill per number, a cast per tensor).
+    """
     values = (step.lr, step.beta1, step.beta2, step.weight_decay, step.damping)
-    if not any(isinstance(v, torch.Tensor) for v in values):
-        return torch.tensor(values, dtype=torch.float64, device=device)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                        for v in values])
+    device = torch.device(device)
+    if device.type == "cpu" or not any(_is_device_value(v) for v in values):
+        return torch.tensor([float(v) for v in values], dtype=torch.float64)
+    return torch.stack([
+        v.to(device=device, dtype=torch.float64).reshape(()) if _is_device_value(v)
+        else torch.full((), float(v), dtype=torch.float64, device=device)
+        for v in values])
 
 
 def _on(t, device):
