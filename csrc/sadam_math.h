@@ -125,6 +125,9 @@ SADAM_HD V adam_math(V p, V g, V& m, V& v, V& vmax, const TensorScalars& s) {
 // as the reference and the Triton kernel.
 constexpr int kScaleMin = -200;        // lowest E: below it a and b may underflow (they are 0)
 constexpr int kAbsent = -(1 << 30);    // "no candidate" for the new E
+// a d_i below 1/kNoiseFloor of its row's largest |d| is rounding noise and counts 0
+// (sadam/backends/reference.py NOISE_FLOOR)
+constexpr float kNoiseFloor = 4096.0f;
 
 SADAM_HD int32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
@@ -198,7 +201,8 @@ SADAM_HD void finalize_row(float* row, const float* d, int k, float beta, float 
     const int shift = scale - rescaled;
     float estimate = 0.0f;
     for (int i = 0; i < k; ++i) {
-      const float d_scaled = times_pow2(d[i], -rescaled);
+      const float d_kept = ::fabsf(d[i]) * kNoiseFloor < d_max ? 0.0f : d[i];
+      const float d_scaled = times_pow2(d_kept, -rescaled);
       const float a_old = times_pow2(reset ? 0.0f : row[i], shift);
       const float b_old = times_pow2(reset ? 0.0f : row[k + i], 2 * shift);
       const float a = beta * a_old + one_minus_beta * d_scaled;

@@ -14,6 +14,7 @@ from ._convert import pow_f32, proceed, scalar_f32
 
 SCALE_MIN: tl.constexpr = tl.constexpr(-200)  # lowest E (sadam.backends.reference.SCALE_MIN)
 ABSENT: tl.constexpr = tl.constexpr(-(1 << 30))  # "no candidate" for the new E
+NOISE_FLOOR: tl.constexpr = tl.constexpr(4096.0)  # sadam.backends.reference.NOISE_FLOOR
 
 
 @triton.jit
@@ -82,7 +83,8 @@ def finalize_kernel(stats, stats_stride, d, rows, damping, found_inf, probe_beta
     shift = scale - rescaled
     a = _times_pow2(a, shift)
     b = _times_pow2(b, 2 * shift)
-    d_scaled = _times_pow2(dd, -rescaled)
+    # a d_i far below the row's largest is rounding noise of a cancelling sum: it counts 0
+    d_scaled = _times_pow2(tl.where(tl.abs(dd) * NOISE_FLOOR < d_max, 0.0, dd), -rescaled)
 
     a = probe_beta * a + probe_beta_comp * d_scaled
     b = probe_beta * b + probe_beta_comp * d_scaled * d_scaled

@@ -118,6 +118,16 @@ def update(step: GroupStep, *, damped: bool, emit_probe: bool):
 # Exact power-of-two arithmetic of the statistics' scale (spec section 3, sadam/_layout.py),
 # written with integer bit operations so that every backend computes the same bits.
 SCALE_MIN = -200  # lowest scale exponent: below it a and b may underflow (they are 0 by then)
+# A d_i this many times smaller than the largest |d| of its row is the rounding noise of a sum that
+# cancels (a softmax bias, whose gradient sums to 0, along an all-equal sign vector). Its normalized
+# variance would be arbitrary and depend on the summation order (sharding, backend), so it counts 0.
+NOISE_FLOOR = 4096.0
+
+
+def drop_rounding_noise(d: torch.Tensor) -> torch.Tensor:
+    """d with every entry below 1/NOISE_FLOOR of its row's largest magnitude set to 0."""
+    magnitude = d.abs()
+    return torch.where(magnitude * NOISE_FLOOR < magnitude.amax(1, keepdim=True), 0.0, d)
 
 
 def ilogb(x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +171,7 @@ def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     rows = torch.tensor(step.rows_present, dtype=torch.long, device=dev)
     old = stats[rows]
     new = old.clone()
-    d = d[rows].to(dev)
+    d = drop_rounding_noise(d[rows].to(dev))
     beta = step.probe_beta
     damping = _scalar(step.damping, dev)
 
