@@ -16,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -43,6 +44,17 @@ constexpr int kVecs = kLanes / W;  // vectors that hold the 16 probe lanes
 constexpr int kAll = kMaxProbes;   // row of the plain sum S in the lane tables
 static_assert(kLanes % W == 0 && kStep % (2 * W) == 0, "vector width must divide 16 lanes");
 static_assert(kTile % kStep == 0 && kChunk % kTile == 0, "tiles must tile chunks");
+
+// g where bit i of h is set, else +0.0, without a branch (the bits are random: a branch would
+// mispredict half the time). Adding +0.0 leaves a sum unchanged unless it is -0.0, and the sums
+// start at +0.0 and so never become -0.0: this is the masked add of the vector builds.
+inline float masked(float g, uint32_t h, int i) {
+  uint32_t bits;
+  std::memcpy(&bits, &g, sizeof bits);
+  bits &= 0u - ((h >> i) & 1u);
+  std::memcpy(&g, &bits, sizeof bits);
+  return g;
+}
 
 // ------------------------------------------------------------------ per-capability primitives
 // HashVec holds W 32-bit hashes. first_indices(lo): lo, lo+1, ...; next_indices adds W;
@@ -139,7 +151,7 @@ inline void accumulate8(Vec* acc, Vec g, const HashVec& h) {
   g.store(gl);
   for (int i = 0; i < 8; ++i) {
     acc[i].store(a);
-    for (int l = 0; l < W; ++l) a[l] += ((h.v[l] >> i) & 1u) ? gl[l] : 0.0f;
+    for (int l = 0; l < W; ++l) a[l] += masked(gl[l], h.v[l], i);
     acc[i] = Vec::loadu(a);
   }
 }
@@ -180,7 +192,7 @@ struct ProbeLanes {
   }
   void add_scalar(int lane, float g, uint32_t bits, int k) {
     tile[kAll][lane] += g;
-    for (int i = 0; i < k; ++i) tile[i][lane] += ((bits >> i) & 1u) ? g : 0.0f;
+    for (int i = 0; i < k; ++i) tile[i][lane] += masked(g, bits, i);
   }
   void flush(int rows) {
     for (int r = 0; r < rows; ++r)
@@ -199,16 +211,81 @@ struct ProbeLanes {
   }
 };
 
+// Pointers of one tensor's job, typed.
+template <typename P, typename S>
+struct Tensors {
+  P* param;
+  const P* grad;
+  S* m;
+  S* v;
+  S* vmax;
+  explicit Tensors(const TensorJob& t)
+      : param(static_cast<P*>(t.param)), grad(static_cast<const P*>(t.grad)),
+        m(static_cast<S*>(t.exp_avg)), v(static_cast<S*>(t.exp_avg_sq)),
+        vmax(static_cast<S*>(t.max_exp_avg_sq)) {}
+};
+
+// The vector part of one tile, elements [b0, b0 + nvec): the update (kUpdate) and probes 0..7
+// (kProbe) in one pass. kHash: hash here (else read the tile's hashes from bits); kKeep: store
+// g and the hashes for the sweeps of probes 8..31. The flags are template parameters so the
+// loop body has no branches and the sums stay in registers.
+template <typename P, typename S, bool kUpdate, bool kProbe, bool kAmsgrad, bool kHash, bool kKeep>
+void vector_tile(const Tensors<P, S>& t, const TensorScalars& s, int64_t b0, int nvec, Vec gscale,
+                 HashVec index, HashVec high, float* gbuf, uint32_t* bits, ProbeLanes& lanes) {
+  Vec acc[kVecs][8], all[kVecs];
+  for (int v = 0; v < kVecs; ++v) {
+    all[v] = Vec(0.0f);
+    for (int i = 0; i < 8; ++i) acc[v][i] = Vec(0.0f);
+  }
+  for (int j = 0; j < nvec; j += kStep) {
+#pragma GCC unroll 4
+    for (int q = 0; q < kStep / W; q += 2) {  // vectors q, q+1 of the step: lanes (q % kVecs)..
+      const int64_t e = b0 + j + q * W;
+      Vec g[2];
+      load2(t.grad + e, g[0], g[1]);
+      g[0] = g[0] * gscale;
+      g[1] = g[1] * gscale;
+      if constexpr (kUpdate) {
+        Vec p0, p1, m0, m1, v0, v1, x0, x1;
+        load2(t.param + e, p0, p1);
+        load2(t.m + e, m0, m1);
+        load2(t.v + e, v0, v1);
+        if constexpr (kAmsgrad) load2(t.vmax + e, x0, x1);
+        p0 = adam_math<kAmsgrad>(p0, g[0], m0, v0, x0, s);
+        p1 = adam_math<kAmsgrad>(p1, g[1], m1, v1, x1, s);
+        store2(t.param + e, p0, p1);
+        store2(t.m + e, m0, m1);
+        store2(t.v + e, v0, v1);
+        if constexpr (kAmsgrad) store2(t.vmax + e, x0, x1);
+      }
+      if constexpr (kProbe) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const int at = j + (q + h) * W;
+          HashVec x;
+          if constexpr (kHash) {
+            x = mix(index, high);
+            index = next_indices(index);
+            if constexpr (kKeep) store_hash(bits + at, x);
+          } else {
+            x = load_hash(bits + at);
+          }
+          if constexpr (kKeep) g[h].store(gbuf + at);
+          const int v = (q + h) % kVecs;
+          all[v] = all[v] + g[h];
+          accumulate8(acc[v], g[h], x);
+        }
+      }
+    }
+  }
+  if constexpr (kProbe) lanes.put(acc, all, 0);
+}
+
 template <typename P, typename S, bool kUpdate, bool kProbe, bool kAmsgrad>
-void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k,
+void run_chunk(const TensorJob& job, int64_t begin, int64_t end, float gmul, int k,
                double* partial) {
-  P* param = static_cast<P*>(t.param);
-  const P* grad = static_cast<const P*>(t.grad);
-  S* m_ptr = static_cast<S*>(t.exp_avg);
-  S* v_ptr = static_cast<S*>(t.exp_avg_sq);
-  S* vmax_ptr = static_cast<S*>(t.max_exp_avg_sq);
-  const TensorScalars& s = t.scalars;
-  const bool scaled = gmul != 1.0f;  // g * 1 == g: skipping it changes no bit
+  const Tensors<P, S> t(job);
+  const TensorScalars& s = job.scalars;
   const Vec gscale(gmul);
   const int groups = kProbe ? (k + 7) / 8 : 0;
   const bool keep = groups > 1;  // probes 8.. sweep the tile again from gbuf / bits
@@ -220,67 +297,23 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
   for (int64_t b0 = begin; b0 < end; b0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, end - b0));
     const int nvec = n / kStep * kStep;
-    const uint64_t e0 = t.offset + static_cast<uint64_t>(b0);
+    const uint64_t e0 = job.offset + static_cast<uint64_t>(b0);
     // Vector hashing needs the low word not to wrap inside the tile; else hash per element.
     const bool fused = static_cast<uint32_t>(e0) <= UINT32_MAX - kTile;
-    HashVec index{}, high{};
-    Vec acc[kVecs][8], all[kVecs];
     if constexpr (kProbe) {
-      if (fused) {
-        index = first_indices(static_cast<uint32_t>(e0));
-        high = broadcast(probe_high(static_cast<uint32_t>(e0 >> 32), t.key));
-      } else {
-        for (int j = 0; j < n; ++j) bits[j] = probe_hash(e0 + j, t.key);
-      }
-      for (int v = 0; v < kVecs; ++v) {
-        all[v] = Vec(0.0f);
-        for (int i = 0; i < 8; ++i) acc[v][i] = Vec(0.0f);
-      }
-    }
-    for (int j = 0; j < nvec; j += kStep) {
-      for (int q = 0; q < kStep / W; q += 2) {  // vector q of the step covers lanes (q % kVecs)
-        const int64_t e = b0 + j + q * W;
-        Vec g[2];
-        load2(grad + e, g[0], g[1]);
-        if (scaled) {
-          g[0] = g[0] * gscale;
-          g[1] = g[1] * gscale;
-        }
-        if constexpr (kUpdate) {
-          Vec p0, p1, m0, m1, v0, v1, x0, x1;
-          load2(param + e, p0, p1);
-          load2(m_ptr + e, m0, m1);
-          load2(v_ptr + e, v0, v1);
-          if constexpr (kAmsgrad) load2(vmax_ptr + e, x0, x1);
-          p0 = adam_math<kAmsgrad>(p0, g[0], m0, v0, x0, s);
-          p1 = adam_math<kAmsgrad>(p1, g[1], m1, v1, x1, s);
-          store2(param + e, p0, p1);
-          store2(m_ptr + e, m0, m1);
-          store2(v_ptr + e, v0, v1);
-          if constexpr (kAmsgrad) store2(vmax_ptr + e, x0, x1);
-        }
-        if constexpr (kProbe) {
-          for (int h = 0; h < 2; ++h) {
-            const int at = j + (q + h) * W;
-            HashVec x;
-            if (fused) {
-              x = mix(index, high);
-              index = next_indices(index);
-              if (keep) store_hash(bits + at, x);
-            } else {
-              x = load_hash(bits + at);
-            }
-            if (keep) g[h].store(gbuf + at);
-            const int v = (q + h) % kVecs;
-            all[v] = all[v] + g[h];
-            accumulate8(acc[v], g[h], x);
-          }
-        }
-      }
-    }
-    if constexpr (kProbe) {
-      lanes.put(acc, all, 0);
-      for (int first = 8; first < 8 * groups; first += 8) {  // probes 8..31 while the tile is in L1
+      const HashVec index = first_indices(static_cast<uint32_t>(e0));
+      const HashVec high = broadcast(probe_high(static_cast<uint32_t>(e0 >> 32), job.key));
+      if (!fused)
+        for (int j = 0; j < n; ++j) bits[j] = probe_hash(e0 + j, job.key);
+#define SADAM_TILE(hash, keep_)                                                                 \
+  vector_tile<P, S, kUpdate, true, kAmsgrad, hash, keep_>(t, s, b0, nvec, gscale, index, high, \
+                                                          gbuf, bits, lanes)
+      if (fused && keep) SADAM_TILE(true, true);
+      else if (fused) SADAM_TILE(true, false);
+      else if (keep) SADAM_TILE(false, true);
+      else SADAM_TILE(false, false);
+#undef SADAM_TILE
+      for (int first = 8; first < 8 * groups; first += 8) {  // probes 8..31 while in L1
         Vec more[kVecs][8];
         for (int v = 0; v < kVecs; ++v)
           for (int i = 0; i < 8; ++i) more[v][i] = Vec(0.0f);
@@ -289,19 +322,24 @@ void run_chunk(const TensorJob& t, int64_t begin, int64_t end, float gmul, int k
                       shift_right(load_hash(bits + j), first));
         lanes.put(more, nullptr, first);
       }
+    } else {
+      const HashVec unused = broadcast(0);
+      vector_tile<P, S, kUpdate, false, kAmsgrad, false, false>(t, s, b0, nvec, gscale, unused,
+                                                               unused, gbuf, bits, lanes);
     }
     for (int j = nvec; j < n; ++j) {  // scalar tail of the tile, same math and lanes
       const int64_t e = b0 + j;
-      const float g = static_cast<float>(grad[e]) * gmul;
+      const float g = static_cast<float>(t.grad[e]) * gmul;
       if constexpr (kProbe)
-        lanes.add_scalar(j % kLanes, g, fused ? probe_hash(e0 + j, t.key) : bits[j], k);
+        lanes.add_scalar(j % kLanes, g, fused ? probe_hash(e0 + j, job.key) : bits[j], k);
       if constexpr (kUpdate) {
-        float m = static_cast<float>(m_ptr[e]), v = static_cast<float>(v_ptr[e]);
-        float x = kAmsgrad ? static_cast<float>(vmax_ptr[e]) : 0.0f;
-        param[e] = static_cast<P>(adam_math<kAmsgrad>(static_cast<float>(param[e]), g, m, v, x, s));
-        m_ptr[e] = static_cast<S>(m);
-        v_ptr[e] = static_cast<S>(v);
-        if constexpr (kAmsgrad) vmax_ptr[e] = static_cast<S>(x);
+        float m = static_cast<float>(t.m[e]), v = static_cast<float>(t.v[e]);
+        float x = kAmsgrad ? static_cast<float>(t.vmax[e]) : 0.0f;
+        t.param[e] =
+            static_cast<P>(adam_math<kAmsgrad>(static_cast<float>(t.param[e]), g, m, v, x, s));
+        t.m[e] = static_cast<S>(m);
+        t.v[e] = static_cast<S>(v);
+        if constexpr (kAmsgrad) t.vmax[e] = static_cast<S>(x);
       }
     }
     if constexpr (kProbe) lanes.flush(8 * groups);
