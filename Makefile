@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.14.1
 PYTEST_ARGS ?=
 
-NATIVE_SOURCES := $(wildcard csrc/*)
+NATIVE_SOURCES := $(wildcard csrc/* csrc/cpu/*)
 
 .PHONY: test test-oldest demo bench soak pss-demo build venv clean gpu-check
 
@@ -51,9 +51,17 @@ demo: build
 soak: build
 	SADAM_SOAK=1 $(PY) -m pytest -q -m slow tests/test_soak.py
 
+# Optional benchmark dependency, not a test one: DeepSpeed's CPUAdam, compared in the CPU suite.
+# It JIT-builds its C++ op with ninja on first use; bench/bench_native.py skips it, saying why,
+# when it cannot be installed, imported or built.
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8 || \
+		echo "deepspeed not installed: the CPU benchmark skips DeepSpeedCPUAdam"
+	touch $@
+
 # Results are named by machine (GPU model, else CPU model and cores): bench/results/<machine>.json
 # and the chart of time relative to torch's fused AdamW, bench/results/<machine>.png.
-bench: build
+bench: build $(VENV)/.bench-deps
 	mkdir -p bench/results
 	$(PY) -m pytest bench -q --benchmark-only \
 		--benchmark-json=bench/results/$$($(PY) bench/plot.py --machine-name).json

@@ -3,7 +3,6 @@
 Build switches (read from the environment, never at import of `sadam`):
   SADAM_SKIP_CUDA_BUILD=1   build only the CPU kernels even when nvcc is present
   SADAM_SKIP_NATIVE_BUILD=1 build no native extension at all (pure Python + Triton)
-  SADAM_CPU_CAPABILITY      vector set of the CPU kernel: avx2 (default on x86-64), avx512, default
   TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0")
   MAX_JOBS                  parallel compile jobs (ninja)
 """
@@ -16,13 +15,20 @@ import sysconfig
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# The flags torch compiles its own vectorized CPU kernels with, per capability.
+# The flags torch compiles its own vectorized CPU kernels with, per capability. The CPU kernel
+# (csrc/cpu/kernel.cpp) is compiled once per capability; the driver picks one at run time.
+CPU_KERNEL = os.path.join("csrc", "cpu", "kernel.cpp")
 CPU_FLAGS = {
     "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw",
                "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
     "default": ["-DCPU_CAPABILITY=DEFAULT"],
 }
+
+
+def _cpu_capabilities():
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return ["default", "avx2", "avx512"] if x86 else ["default"]
 
 
 def _flag(name):
@@ -58,24 +64,41 @@ def native_extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    capability = os.environ.get("SADAM_CPU_CAPABILITY", "avx2" if x86 else "default").lower()
     # No FMA contraction: the kernel then rounds like the reference (separate mul and add).
     # cpp_extension adds the -std torch needs. OpenMP: at::parallel_for is header code that only
     # runs in parallel where the including file is compiled with it (torch uses OpenMP too).
     openmp = ["-fopenmp"] if platform.system() == "Linux" else []
-    cxx = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + openmp + CPU_FLAGS[capability]
-    sources = [os.path.join("csrc", s) for s in ("module.cpp", "cpu_kernels.cpp")]
+    cxx = ["-O3", "-ffp-contract=off", "-Wno-unknown-pragmas"] + openmp
+    sources = [os.path.join("csrc", *s.split("/"))
+               for s in ("module.cpp", "cpu_kernels.cpp", "cpu/dispatch.cpp")]
+    macros = [(f"SADAM_CPU_{c.upper()}", None) for c in _cpu_capabilities()]
+    depends = sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)) + [CPU_KERNEL]
     if cuda_home and torch.version.cuda:
         ext = CUDAExtension(
             "sadam._C", sources + sorted(glob.glob(os.path.join("csrc", "*.cu"))),
             include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_includes(torch),
-            define_macros=[("SADAM_WITH_CUDA", None)],
+            define_macros=macros + [("SADAM_WITH_CUDA", None)], depends=depends,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, extra_link_args=openmp)
     else:
         ext = CppExtension("sadam._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                           define_macros=macros, depends=depends,
                            extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class BuildWithCpuCapabilities(BuildExtension):
+        """Adds the CPU kernel compiled once per capability with torch's flags for it. The objects
+        link after the baseline ones, so inline code they share resolves to the baseline copy."""
+
+        def build_extension(self, ext):
+            for cap in _cpu_capabilities():
+                cxx_cap = ext.extra_compile_args["cxx"] + CPU_FLAGS[cap]
+                args = dict(ext.extra_compile_args, cxx=cxx_cap)
+                ext.extra_objects += self.compiler.compile(
+                    [CPU_KERNEL], output_dir=os.path.join(self.build_temp, cap),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, extra_postargs=args,
+                    depends=ext.depends)
+            super().build_extension(ext)
+
+    return [ext], {"build_ext": BuildWithCpuCapabilities.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = native_extensions()

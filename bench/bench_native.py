@@ -1,15 +1,25 @@
-"""Optimizer step time of SAdam's native kernels against torch's AdamW, on CPU and on a GPU.
+"""Optimizer step time of SAdam's native kernels against torch's AdamW (and DeepSpeed's CPUAdam),
+on CPU and on a GPU.
 
-Run: ``.venv/bin/python -m pytest bench/bench_native.py --benchmark-json=bench/results/<machine>.json``
-(``SADAM_BENCH_SIZES=10M`` limits the sizes, ``SADAM_BENCH_THREADS=1`` sets the CPU threads).
-CPU: every optimizer runs with the same ``torch.get_num_threads()``. Shapes are GPT-2 small (d=768) layers plus an embedding that fills the
-size: 10M, 50M, and the whole 124M model. ``extra_info`` (bench/plot.py convention):
+Run: ``make bench``, or ``.venv/bin/python -m pytest bench/bench_native.py --benchmark-only
+--benchmark-json=bench/results/<machine>.json``. ``SADAM_BENCH_SIZES=10M,50M`` limits the sizes,
+``SADAM_BENCH_THREADS=1,2`` sets the CPU thread counts (default: 1 and 2). Shapes are GPT-2
+small (d=768) fp32 layers plus an embedding that fills the size: 10M, 50M, and the whole 124M
+model. Every optimizer runs with the same thread count.
+
+The anchor is in the same run and interleaved: each timed step of an optimizer follows one step
+of torch's fused AdamW on the same tensors (the ``setup`` of every round), so load changes on a
+shared machine hit both alike. ``extra_info`` (bench/plot.py convention):
 
 * ``params`` -- parameter elements one step updates;
-* ``ratio_vs_fused_adamw`` -- median step time / median torch fused AdamW step time on the same
-  tensors, the latter measured right before each benchmark (on a shared machine the load drifts);
-* ``series`` -- ``"<optimizer> (<device>)"``.
+* ``ratio_vs_fused_adamw`` -- median step time / median of the interleaved fused AdamW steps;
+* ``series`` -- ``"<optimizer> (<device>, <threads>t)"``.
+
+DeepSpeed's ``DeepSpeedCPUAdam`` (adamw_mode) is an optional dependency (``make bench`` installs
+``deepspeed``); it JIT-builds its C++ op with ninja on first use and is skipped, with the reason,
+when it cannot be imported or built.
 """
+import ctypes
 import gc
 import os
 import statistics
@@ -20,10 +30,9 @@ import torch
 
 from sadam.backends import native
 
-ROUNDS = {"cpu": 7, "cuda": 20}
-if os.environ.get("SADAM_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["SADAM_BENCH_THREADS"]))
+ROUNDS = {"cpu": 15, "cuda": 30}
 SIZES = {"10M": 10_000_000, "50M": 50_000_000, "124M": None}  # None: the whole GPT-2 small
+LR, WEIGHT_DECAY = 1e-4, 0.01
 
 
 def gpt2_small_shapes(target=None):
@@ -48,27 +57,63 @@ def make_params(shapes, device):
     return params
 
 
-def sadam(lag):
+def sadam(**kwargs):
     def build(params, device):
         from sadam import SAdam
-        return SAdam(params, lr=1e-4, weight_decay=0.01, damping=1.0, probe_lag=lag,
-                     backend=device)
+        return SAdam(params, lr=LR, weight_decay=WEIGHT_DECAY, damping=1.0, backend=device,
+                     **kwargs)
     return build
 
 
 def torch_adamw(**flags):
     def build(params, device):
-        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **flags)
+        return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **flags)
     return build
 
 
+_deepspeed_error = None
+
+
+def deepspeed_cpu_adam(params, device):
+    """DeepSpeed's CPUAdam in AdamW mode; pytest.skip with the reason when it is unavailable."""
+    global _deepspeed_error
+    if device != "cpu":
+        pytest.skip("DeepSpeedCPUAdam is a CPU optimizer")
+    if _deepspeed_error is None:
+        try:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(params, lr=LR, weight_decay=WEIGHT_DECAY, adamw_mode=True)
+        except Exception as exc:  # import error, or its JIT build failed
+            _deepspeed_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    pytest.skip(f"DeepSpeedCPUAdam unavailable (pip install deepspeed; it JIT-builds with "
+                f"ninja): {_deepspeed_error}")
+
+
 OPTIMIZERS = {
-    "sadam-native-lag1": sadam(1),
-    "sadam-native-lag0": sadam(0),
     "torch-adamw-fused": torch_adamw(fused=True),
+    "sadam-native-lag1": sadam(probe_lag=1),
+    "sadam-native-lag0": sadam(probe_lag=0),
+    "sadam-native-probe-off": sadam(probe="off"),
+    "deepspeed-cpu-adam": deepspeed_cpu_adam,
     "torch-adamw-foreach": torch_adamw(foreach=True),
-    "torch-adamw-forloop": torch_adamw(foreach=False),
 }
+
+
+def _openmp_runtimes():
+    """OpenMP runtimes loaded beside torch's (DeepSpeed's op links the system one)."""
+    libs = []
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            libs.append(ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL))
+        except OSError:
+            pass
+    return libs
+
+
+def set_threads(threads):
+    torch.set_num_threads(threads)
+    for lib in _openmp_runtimes():
+        lib.omp_set_num_threads(threads)
 
 
 def sync(device):
@@ -76,17 +121,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_step_seconds(opt, device):
-    for _ in range(2):
-        opt.step()
-    times = []
-    for _ in range(ROUNDS[device]):
-        sync(device)
-        start = time.perf_counter()
-        opt.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_step(opt, device):
+    sync(device)
+    start = time.perf_counter()
+    opt.step()
+    sync(device)
+    return time.perf_counter() - start
 
 
 _params = {}
@@ -102,43 +142,53 @@ def shared_params(device, size):
     return _params[key]
 
 
-def fused_baseline(device, params):
-    """torch fused AdamW's median step time on these tensors, measured now."""
-    opt = OPTIMIZERS["torch-adamw-fused"](params, device)
-    seconds = median_step_seconds(opt, device)
-    del opt
-    gc.collect()
-    return seconds
+def _env_list(name, default):
+    chosen = os.environ.get(name)
+    return chosen.split(",") if chosen else default
 
 
-def selected_sizes():
-    chosen = os.environ.get("SADAM_BENCH_SIZES")
-    return chosen.split(",") if chosen else list(SIZES)
+def cases():
+    """Sizes outermost (tensors are built once per size), then threads, then optimizers."""
+    out = []
+    for device in ("cpu", "cuda"):
+        threads = [int(t) for t in _env_list("SADAM_BENCH_THREADS", ["1", "2"])]
+        for size in _env_list("SADAM_BENCH_SIZES", list(SIZES)):
+            for t in threads if device == "cpu" else [0]:
+                out += [pytest.param(device, size, t, name, id=f"{device}-{size}-{t}t-{name}")
+                        for name in OPTIMIZERS]
+    return out
 
 
-@pytest.mark.parametrize("size", selected_sizes())
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_optimizer_step(benchmark, device, name, size):
+@pytest.mark.parametrize("device,size,threads,name", cases())
+def test_optimizer_step(benchmark, device, size, threads, name):
     ok, why = native.available(torch.device(device))
     if not ok:
         pytest.skip(f"native {device} kernels unavailable: {why}")
+    if device == "cpu":
+        set_threads(threads)
     params = shared_params(device, size)
     numel = sum(p.numel() for p in params)
-    baseline = fused_baseline(device, params)
     opt = OPTIMIZERS[name](params, device)
-    for _ in range(2):  # state allocation outside the timing
+    anchor = OPTIMIZERS["torch-adamw-fused"](params, device)
+    for _ in range(2):  # state allocation and first-use builds outside the timing
         opt.step()
+        anchor.step()
+    anchor_times = []
+
+    def step_anchor_first():  # pedantic's untimed setup: one fused AdamW step, timed here
+        anchor_times.append(timed_step(anchor, device))
 
     def step():
         opt.step()
         sync(device)
 
-    benchmark.pedantic(step, rounds=ROUNDS[device], iterations=1, warmup_rounds=1)
-    median = benchmark.stats.stats.median
+    benchmark.pedantic(step, setup=step_anchor_first, rounds=ROUNDS[device], iterations=1)
+    median, anchor_median = benchmark.stats.stats.median, statistics.median(anchor_times)
+    label = f"{device}, {threads}t" if device == "cpu" else device
     benchmark.extra_info.update(
-        params=numel, series=f"{name} ({device})", device=device, size=size,
-        threads=torch.get_num_threads(), fused_adamw_median_s=baseline,
-        ratio_vs_fused_adamw=median / baseline)
-    del opt
+        params=numel, series=f"{name} ({label})", device=device, size=size,
+        threads=threads or None, fused_adamw_median_s=anchor_median,
+        ratio_vs_fused_adamw=median / anchor_median,
+        gb_per_s_at_28_bytes=28 * numel / median / 1e9)
+    del opt, anchor
     gc.collect()

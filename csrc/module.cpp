@@ -5,8 +5,7 @@
 #include <string>
 #include <vector>
 
-#define SADAM_STR2(x) #x
-#define SADAM_STR(x) SADAM_STR2(x)
+#include "cpu/dispatch.h"
 
 namespace {
 
@@ -18,18 +17,15 @@ std::vector<std::string> kernels() {
   return out;
 }
 
-std::string cpu_capability() {
-#ifdef CPU_CAPABILITY
-  return SADAM_STR(CPU_CAPABILITY);
-#else
-  return "DEFAULT";
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "S-Adam native kernels (CPU, and CUDA when built with nvcc)";
   m.def("kernels", &kernels, "device types this build has kernels for");
-  m.def("cpu_capability", &cpu_capability, "vector instruction set the CPU kernel targets");
+  m.def("cpu_capability", &sadam::active_cpu_capability,
+        "vector instruction set of the CPU kernel that runs now");
+  m.def("cpu_capabilities", &sadam::available_cpu_capabilities,
+        "capabilities of the CPU kernel this build and this CPU can run");
+  m.def("set_cpu_capability", &sadam::set_cpu_capability, pybind11::arg("name"),
+        "run the CPU kernel of this capability ('' = torch's choice, the default)");
 }

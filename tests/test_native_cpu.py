@@ -1,9 +1,15 @@
 """The native CPU kernel against the reference backend (the oracle), spec section 6 tolerances."""
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from sadam import SAdam
 from sadam import _layout as L
+from sadam import _ops
 from sadam.backends import native, reference
 from sadam.functional import sadam as functional_sadam
 
@@ -241,3 +247,83 @@ def test_rejected_arguments_name_themselves_and_change_nothing():
     for name in ("params", "exp_avg_sqs", "steps"):
         for a, e in zip(group[name], before[name]):
             assert torch.equal(a, e), name
+
+
+@contextlib.contextmanager
+def cpu_capability(name):
+    """Run the CPU kernel compiled for `name` ("DEFAULT", "AVX2", "AVX512") inside the block."""
+    ext = _ops.load()
+    ext.set_cpu_capability(name)
+    try:
+        assert ext.cpu_capability() == name
+        yield
+    finally:
+        ext.set_cpu_capability("")
+
+
+def test_dispatch_follows_torch_cpu_capability():
+    """The kernel that runs is torch's choice (torch.backends.cpu.get_cpu_capability(), lowered
+    by ATEN_CPU_CAPABILITY), among the capabilities this build has."""
+    ext = _ops.load()
+    available = ext.cpu_capabilities()
+    assert available[0] == "DEFAULT"
+    torch_choice = torch.backends.cpu.get_cpu_capability()
+    if torch_choice in ("AVX2", "AVX512"):
+        assert ext.cpu_capability() == torch_choice
+    code = ("import torch, sadam, sadam._ops as o; o.load(); "
+            "print(torch.backends.cpu.get_cpu_capability(), o.load().cpu_capability())")
+    for lowered in available:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=120, env=dict(os.environ, ATEN_CPU_CAPABILITY=lowered.lower()))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == [lowered, lowered]
+
+
+def test_set_cpu_capability_rejects_unknown_and_unavailable_names():
+    ext = _ops.load()
+    with pytest.raises(ValueError, match="unknown capability 'avx9'"):
+        ext.set_cpu_capability("avx9")
+    if "AVX512" not in ext.cpu_capabilities():
+        with pytest.raises(ValueError, match="not available"):
+            ext.set_cpu_capability("AVX512")
+    assert ext.cpu_capability() == ext.cpu_capabilities()[-1]
+
+
+DISPATCH_CASES = [
+    dict(lag=1), dict(lag=0), dict(lag=1, dtype=torch.bfloat16), dict(lag=0, amsgrad=True),
+    dict(lag=1, probe="off"), dict(lag=0, probes=32, scope="tensor"),
+    dict(lag=1, probes=3, state_dtype=torch.bfloat16, maximize=True),
+]
+
+
+DISPATCH_IDS = ["lag1", "lag0", "lag1-bf16", "lag0-amsgrad", "probe-off", "lag0-k32-tensor",
+                "lag1-k3-bf16-moments-maximize"]
+
+
+@pytest.mark.parametrize("case", DISPATCH_CASES, ids=DISPATCH_IDS)
+def test_every_cpu_capability_gives_the_same_bits(case):
+    """DEFAULT (portable scalar lanes) and the widest build the CPU runs: identical parameters,
+    moments and statistics over steps, whatever the vector width (one more capability, AVX2,
+    sits between them on AVX-512 machines and is compared too)."""
+    case = dict(case)
+    lag, probe = case.pop("lag"), case.pop("probe", "gradient")
+    capabilities = _ops.load().cpu_capabilities()
+    if len(capabilities) < 2:
+        pytest.skip(f"only {capabilities} on this CPU / build: nothing to compare")
+    # odd sizes, a tile tail, several chunks, and element indices straddling 2**32
+    shapes = SHAPES + [(70_001,)]
+    offsets = [0, 0, 2**32 - 500, 5, 0, 2**32 + 3]
+    results = {}
+    for name in capabilities:
+        group = make_group(shapes, offsets=offsets, **case)
+        with cpu_capability(name):
+            for step in range(3):
+                new_grads(group, torch.Generator().manual_seed(40 + step))
+                run_functional(group, "cpu", lag, probe)
+        results[name] = group
+    base = results["DEFAULT"]
+    for name, group in results.items():
+        for field in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+            for i, (x, y) in enumerate(zip(group[field], base[field])):
+                assert torch.equal(x, y), f"{name} vs DEFAULT: {field}[{i}]"
+        assert torch.equal(group["stats"], base["stats"]), f"{name} vs DEFAULT: stats"
