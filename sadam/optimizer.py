@@ -375,7 +375,10 @@ class SAdam(Optimizer):
                                    if isinstance(v, torch.Tensor) else copy.deepcopy(v))
                             for name, v in values.items()}
         for gi, group in enumerate(new_groups):
-            stats = new_state.get(group["params"][0], {}).get("probe_stats")
+            anchor_state = new_state.get(group["params"][0], {})
+            stats = anchor_state.get("probe_stats")
+            if stats is not None:  # a checkpoint of the 2k + 5 layout gets its SCALE column
+                stats = anchor_state["probe_stats"] = L.upgrade_stats(stats, group["probes"])
             scopes = self._num_scopes(group, declared_as=self.param_groups[gi])
             if stats is not None and stats.shape != (scopes, L.row_width(group["probes"])):
                 raise ValueError(f"probe_stats of param group {gi} has shape {tuple(stats.shape)}, "

@@ -5,7 +5,8 @@ the rendezvous) in the environment. Every scenario writes ``OUT_DIR/<scenario>.p
 The single-process twins are the functions ``reference_*`` below, run by the test itself.
 
 The model has shapes that shard unevenly over two ranks (7 rows -> 4 + 3) and tensors with one
-row (the second rank's shard is empty). The loss is L1 (a kink), so rho moves away from 0.
+row (the second rank's shard is empty); the odd model (``ODD_CONFIGS``) has Linears of 37, 5, 3
+and 1 rows, each sharded on its own. The loss is L1 (a kink), so rho moves away from 0.
 """
 import copy
 import os
@@ -23,10 +24,20 @@ CONFIGS = {
     "tensor_lag1": dict(scope="tensor", probe_lag=1),
     "group_lag0": dict(scope="group", probe_lag=0, probe_window=3, amsgrad=True),
 }
+# the odd model, every Linear sharded on its own: both scopes, both lags
+ODD_CONFIGS = {f"odd_{scope}_lag{lag}": dict(scope=scope, probe_lag=lag, seed=7)
+               for scope in ("tensor", "group") for lag in (0, 1)}
+ODD_ROWS = (37, 5, 3, 1)  # rows of the odd model's Linears: 19+18, 3+2, 2+1, 1+0 on two ranks
 
 
-def build_model():
+def build_model(config=None):
     torch.manual_seed(0)
+    if config in ODD_CONFIGS:
+        sizes = (6,) + ODD_ROWS
+        layers = []
+        for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.Tanh()]
+        return nn.Sequential(*layers[:-1])
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 1))
 
 
@@ -42,7 +53,7 @@ def batch(rank=None):
 
 def make_optimizer(model, config, backend="torch"):
     return sadam.SAdam(model.parameters(), lr=2e-2, damping=2.0, probes=8, weight_decay=1e-2,
-                       backend=backend, **CONFIGS[config])
+                       backend=backend, **{**CONFIGS, **ODD_CONFIGS}[config])
 
 
 def loss_of(model, x, y):
@@ -66,7 +77,7 @@ def reference_run(config, steps=STEPS, bf16_compute=False, model=None, opt=None,
     """The unsharded twin: the mean of the per-rank gradients (what DDP and FSDP2 reduce), then
     one SAdam step. With ``bf16_compute`` each half batch runs on a bf16 copy of the model, as
     FSDP2's MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) does."""
-    model = model or build_model()
+    model = model or build_model(config)
     opt = opt or make_optimizer(model, config, backend)
     history = []
     for _ in range(steps):
@@ -113,10 +124,12 @@ def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None, backend="torch"
                                                          get_optimizer_state_dict)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    model = build_model()
+    model = build_model(config)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    fully_shard(model[0], mp_policy=mp)
+    for layer in (model if config in ODD_CONFIGS else model[:1]):
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     opt = make_optimizer(model, config, backend)
     local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}
@@ -162,6 +175,8 @@ def main(out):
         results[f"ddp_{config}"] = run_ddp(rank, out, config)
         ckpt = os.path.join(out, f"ckpt_{config}") if config == "tensor_lag1" else None
         results[f"fsdp_{config}"] = run_fsdp(rank, out, config, checkpoint_dir=ckpt)
+    for config in ODD_CONFIGS:
+        results[f"fsdp_{config}"] = run_fsdp(rank, out, config)
     results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
     results["shard_dim_1"] = run_unsupported_placement()
     for backend in sadam.available_backends("cpu"):

@@ -66,6 +66,21 @@ def test_fsdp_on_kernel_backend_equals_one_process_reference(two_ranks, backend)
         assert_rho_close(result["lgi"], history)
 
 
+@pytest.mark.parametrize("config", list(W.ODD_CONFIGS))
+def test_fsdp_odd_shards_equal_one_process(two_ranks, config):
+    """Every Linear sharded on its own, with 37, 5, 3 and 1 rows (19+18, 3+2, 2+1 and 1+0 on
+    the two ranks): parameters and every tensor's (or the group's) rho as in one process."""
+    _, ranks = two_ranks
+    model, _, history = W.reference_run(config)
+    assert max(float(r.max()) for r in history[-1]) > 0.1
+    for rank, record in enumerate(ranks):
+        result = record[f"fsdp_{config}"]
+        for rows, layer in zip(W.ODD_ROWS, range(0, 2 * len(W.ODD_ROWS), 2)):
+            assert result["local_shapes"][f"{layer}.bias"][0] == (rows + 1) // 2 - rank * (rows % 2)
+        assert_params_close(result["params"], W.full_params(model))
+        assert_rho_close(result["lgi"], history)
+
+
 def test_fsdp_shards_are_uneven_and_empty(two_ranks):
     _, ranks = two_ranks
     shapes = [r["fsdp_tensor_lag1"]["local_shapes"] for r in ranks]
