@@ -287,7 +287,7 @@ class SAdam(Optimizer):
                 tensors["max_exp_avg_sqs"] = state["max_exp_avg_sq"]
             for name, tensor in tensors.items():
                 lists[name].append(tensor.view(-1).narrow(0, f.start, f.numel))
-            # a count per fragment (a backend advances each one); a tensor's move together
+            # a count per fragment (a backend advances each one); all equal, copied back below
             lists["state_steps"].append(state["step"].clone())
             lists["scope_rows"].append(0 if group["scope"] == "group" else f.index)
             lists["tensor_ids"].append(f.index)
