@@ -21,6 +21,8 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib mlxtend
 	# the Hugging Face Trainer drop-in test (tests/test_hf_trainer.py)
 	$(PIP) install -q transformers accelerate
+	# the DeepSpeed ZeRO tests (tests/test_deepspeed_zero.py; on CPU it JIT-builds its ops with ninja)
+	$(PIP) install -q deepspeed==0.19.8
 	touch $@
 
 # Builds the native extension from source (CPU kernel always, CUDA kernels where nvcc is found).

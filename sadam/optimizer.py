@@ -9,6 +9,7 @@ from . import _layout as L
 from . import backends
 from ._validation import (validate_grad, validate_group, validate_loss_groups, validate_param)
 from .distributed import any_nonzero, is_dtensor, shard_params, to_local
+from .distributed import zero
 from .functional import sadam
 from .loss_probe import LossProbe
 
@@ -65,12 +66,16 @@ class SAdam(Optimizer):
                         backend=backend, capturable=capturable, probe_rng=probe_rng)
         validate_group(dict(defaults, params=[]))
         self._backends = {}
+        # each group's parameters as given, by id of the group dict: DeepSpeed replaces a group's
+        # params and steps the groups one at a time in a one-group list
+        self._declared_params = {}
         super().__init__(params, defaults)
         self._loss_probe = LossProbe(self)
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._declared_params[id(group)] = list(group["params"])
         try:
             validate_group(group)
             validate_loss_groups(self.param_groups)
@@ -83,12 +88,15 @@ class SAdam(Optimizer):
                                      "probe='gradient'")
         except ValueError:
             self.param_groups.pop()
+            del self._declared_params[id(group)]
             raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_loss_probe", LossProbe(self))
+        self.__dict__.setdefault("_declared_params",
+                                 {id(g): list(g["params"]) for g in self.param_groups})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -107,11 +115,32 @@ class SAdam(Optimizer):
         return impl
 
     # ----------------------------------------------------------------------------------- state
+    def _zero_declared(self, group, declared_as=None):
+        """The parameters a group (or the group ``declared_as``) was declared with, if DeepSpeed
+        ZeRO replaced them by its flat partitions (see :mod:`sadam.distributed.zero`); else
+        None."""
+        declared = self._declared_params.get(id(declared_as or group), [])
+        return declared if zero.is_zero_managed(group["params"], declared) else None
+
+    def _num_scopes(self, group, declared_as=None) -> int:
+        """Rows of the statistics: one, or one per parameter as declared (frozen ones too)."""
+        if group["scope"] == "group":
+            return 1
+        declared = self._zero_declared(group, declared_as)
+        return len(declared if declared is not None else group["params"])
+
+    def _stats_anchor(self, group):
+        declared = self._zero_declared(group)
+        if declared is None:
+            return group["params"][0]
+        return zero.stats_anchor(group["params"], declared)
+
     def _group_stats(self, group) -> torch.Tensor:
-        """The group's probe statistics, kept in the state of its first parameter."""
-        anchor = group["params"][0]
+        """The group's probe statistics, kept in the state of its first parameter (under
+        DeepSpeed ZeRO, its flat partition)."""
+        anchor = self._stats_anchor(group)
         k = group["probes"]
-        scopes = 1 if group["scope"] == "group" else len(group["params"])
+        scopes = self._num_scopes(group)
         stats = self.state[anchor].get("probe_stats")
         if stats is None or stats.shape != (scopes, L.row_width(k)):
             stats = L.new_stats(scopes, k, anchor.device)
@@ -220,6 +249,10 @@ class SAdam(Optimizer):
                 self._group_stats(group)
 
     def _step_group(self, group, shards, grad_scale, found_inf):
+        declared = self._zero_declared(group)
+        if declared is not None:
+            self._step_zero_group(group, declared, grad_scale, found_inf)
+            return
         lists = defaultdict(list)
         for j, p in enumerate(group["params"]):
             if p.grad is None:
@@ -236,10 +269,42 @@ class SAdam(Optimizer):
             lists["tensor_ids"].append(j)
         if not lists["params"]:
             return
-        beta1, beta2 = group["betas"]
         # DTensor (FSDP2) parameters are stepped on their local shards; the offsets place each
         # shard's probe signs in the full tensor and the group sums the partial probe sums.
-        params, offsets, process_group = shards
+        lists["params"], offsets, process_group = shards
+        self._run_group(group, lists, offsets, process_group, grad_scale, found_inf)
+
+    def _step_zero_group(self, group, declared, grad_scale, found_inf):
+        """DeepSpeed's fp32 partitions stepped fragment by fragment: true tensor ids and offsets,
+        probe partials summed over the data-parallel group (see sadam.distributed.zero)."""
+        params = group["params"]
+        if not params or any(p.grad is None for p in params):
+            return
+        fragments, process_group = zero.fragments(params, declared)
+        states = [self._init_param_state(p, group) for p in params]
+        lists = defaultdict(list)
+        for f in fragments:
+            state = states[f.source]
+            tensors = {"params": params[f.source], "grads": params[f.source].grad,
+                       "exp_avgs": state["exp_avg"], "exp_avg_sqs": state["exp_avg_sq"]}
+            if group["amsgrad"]:
+                tensors["max_exp_avg_sqs"] = state["max_exp_avg_sq"]
+            for name, tensor in tensors.items():
+                lists[name].append(tensor.view(-1).narrow(0, f.start, f.numel))
+            # a count per fragment (a backend advances each one); all equal, copied back below
+            lists["state_steps"].append(state["step"].clone())
+            lists["scope_rows"].append(0 if group["scope"] == "group" else f.index)
+            lists["tensor_ids"].append(f.index)
+        if not fragments:
+            return
+        self._run_group(group, lists, [f.offset for f in fragments], process_group, grad_scale,
+                        found_inf)
+        for f, step in zip(fragments, lists["state_steps"]):
+            states[f.source]["step"].copy_(step)
+
+    def _run_group(self, group, lists, offsets, process_group, grad_scale, found_inf):
+        params = lists["params"]
+        beta1, beta2 = group["betas"]
         sadam(params, *(to_local(lists[name]) for name in
                         ("grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")),
               lists["state_steps"], self._group_stats(group),
@@ -257,10 +322,10 @@ class SAdam(Optimizer):
         out = []
         for group in self.param_groups:
             k = group["probes"]
-            stats = self.state.get(group["params"][0], {}).get("probe_stats")
+            anchor = self._stats_anchor(group)
+            stats = self.state.get(anchor, {}).get("probe_stats")
             if stats is None:
-                scopes = 1 if group["scope"] == "group" else len(group["params"])
-                stats = L.new_stats(scopes, k, group["params"][0].device)
+                stats = L.new_stats(self._num_scopes(group), k, anchor.device)
             values = stats[:, column_of(k)].clone()
             out.append(values[0] if group["scope"] == "group" else values)
         return out
@@ -318,7 +383,7 @@ class SAdam(Optimizer):
             stats = anchor_state.get("probe_stats")
             if stats is not None:  # a checkpoint of the 2k + 5 layout gets its SCALE column
                 stats = anchor_state["probe_stats"] = L.upgrade_stats(stats, group["probes"])
-            scopes = 1 if group["scope"] == "group" else len(group["params"])
+            scopes = self._num_scopes(group, declared_as=self.param_groups[gi])
             if stats is not None and stats.shape != (scopes, L.row_width(group["probes"])):
                 raise ValueError(f"probe_stats of param group {gi} has shape {tuple(stats.shape)}, "
                                  f"expected {(scopes, L.row_width(group['probes']))} for "
@@ -326,6 +391,8 @@ class SAdam(Optimizer):
             if stats is not None and not torch.isfinite(stats).all():
                 raise ValueError(f"probe_stats of param group {gi} holds non-finite values")
 
+        self._declared_params = {id(new): self._declared_params.get(id(old), list(old["params"]))
+                                 for old, new in zip(self.param_groups, new_groups)}
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

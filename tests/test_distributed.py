@@ -3,9 +3,6 @@
 One launch of tests/distributed_worker.py (two processes) runs every two-rank scenario; the tests
 compare its records with single-process twins computed here. Tolerances: spec section 6.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 import distributed_worker as W
+from _launch import launch_ranks
 import spec_tolerance
 import sadam
 
@@ -26,22 +24,7 @@ def two_ranks(tmp_path_factory):
     """Launch the two ranks once (bounded time); their records, rank by rank."""
     out = tmp_path_factory.mktemp("two_ranks")
     worker = Path(__file__).with_name("distributed_worker.py")
-    procs = []
-    for rank in range(W.WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(W.WORLD),
-                   STORE=str(out / "store"), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    launch_ranks(worker, out, W.WORLD, LAUNCH_TIMEOUT_S)
     return out, torch.load(out / "results.pt", weights_only=False)
 
 

@@ -1,0 +1,28 @@
+"""Start a worker script as N local ranks (rendezvous through a file), wait with a time limit."""
+import os
+import subprocess
+import sys
+
+
+def launch_ranks(worker, out, world, timeout_s, **env_extra):
+    """Run ``python worker out`` as ranks 0..world-1 (RANK, WORLD_SIZE, LOCAL_RANK, STORE set)
+    and fail with the log's tail of any rank that does not exit cleanly in time. Each rank
+    writes its output to ``out/rank<r>.log``: a pipe read after another rank's could fill up
+    and stall the rank writing to it, and with it every rank waiting in a collective."""
+    procs, logs = [], []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   STORE=str(out / "store"), OMP_NUM_THREADS="1", **env_extra)
+        logs.append(out / f"rank{rank}.log")
+        with open(logs[-1], "w") as log:
+            procs.append(subprocess.Popen([sys.executable, str(worker), str(out)], env=env,
+                                          stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout_s)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{log.read_text()[-4000:]}"
