@@ -18,7 +18,7 @@ def _value(name, x):
     """A float of a number or a one-element tensor, for range checks (construction time only)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
-            raise ValueError(f"{name} as a Tensor must have one element, got shape {tuple(x.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         if x.is_floating_point() is False and x.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} as a Tensor must be real, got {x.dtype}")
         return float(x.detach().cpu())
