@@ -141,6 +141,8 @@ REFUSED = {
     "two-element step": (_set(0, "step", torch.tensor([3.0, 3.0])), "step"),
     "int64 exp_avg": (lambda sd: sd["state"][0].__setitem__(
         "exp_avg", sd["state"][0]["exp_avg"].long()), "exp_avg"),
+    "complex exp_avg": (lambda sd: sd["state"][1].__setitem__(
+        "exp_avg", sd["state"][1]["exp_avg"].to(torch.complex64)), "exp_avg"),
     "bool exp_avg_sq": (lambda sd: sd["state"][1].__setitem__(
         "exp_avg_sq", sd["state"][1]["exp_avg_sq"] > 0), "exp_avg_sq"),
     "exp_avg_sq of another shape": (_set(1, "exp_avg_sq", torch.zeros(6)), "exp_avg_sq.*shape"),
@@ -163,6 +165,7 @@ def _refused_cases():
         "applied rho 2": (_stats_col(L.rho_applied_col, 2.0), "applied rho"),
         "applied gamma 3": (_stats_col(L.gamma_applied_col, 3.0), "applied gamma"),
         "negative count": (_stats_col(L.count_col, -2.0), "count"),
+        "negative epoch": (_stats_col(L.epoch_col, -1.0), "epoch"),
     })
 
 
