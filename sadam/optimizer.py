@@ -15,7 +15,6 @@ from .functional import sadam
 from .loss_probe import LossProbe
 
 
-
 class SAdam(Optimizer):
     r"""Singularity-aware Adam: AdamW whose step is damped by ``exp(-damping * rho)``.
 
