@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define SADAM_HD __host__ __device__ __forceinline__
@@ -23,6 +24,8 @@ SADAM_HD int epoch_col(int k) { return 2 * k + 1; }
 SADAM_HD int rho_col(int k) { return 2 * k + 2; }
 SADAM_HD int rho_applied_col(int k) { return 2 * k + 3; }
 SADAM_HD int gamma_applied_col(int k) { return 2 * k + 4; }
+SADAM_HD int scale_col(int k) { return 2 * k + 5; }
+SADAM_HD int row_width(int k) { return 2 * k + 6; }
 
 // Order of the hyperparameters in the `hyper` tensor every op receives (device-resident, so
 // Tensor learning rates and schedulers never force a host read).
@@ -117,9 +120,51 @@ SADAM_HD V adam_math(V p, V g, V& m, V& v, V& vmax, const TensorScalars& s) {
 }
 
 // ------------------------------------------------------------------------ the statistics
-// Folds this step's directional derivatives d (k values) into one statistics row: EMA with
-// bias correction, rho, the window reset, and the applied rho / gamma columns. A row whose d is
-// not finite keeps its statistics. The caller skips the row entirely when found_inf is set.
+// a and b are stored in units of 2^E and 2^(2E) (E = row[scale_col], sadam/_layout.py). The
+// power-of-two arithmetic below works on the fp32 bits, so it is exact and gives the same bits
+// as the reference and the Triton kernel.
+constexpr int kScaleMin = -200;        // lowest E: below it a and b may underflow (they are 0)
+constexpr int kAbsent = -(1 << 30);    // "no candidate" for the new E
+
+SADAM_HD int32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(x);
+#else
+  int32_t i;
+  std::memcpy(&i, &x, sizeof i);
+  return i;
+#endif
+}
+
+SADAM_HD float bits_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float x;
+  std::memcpy(&x, &i, sizeof x);
+  return x;
+#endif
+}
+
+// The exponent field minus 127 of x >= 0 (-127 for 0 and subnormals).
+SADAM_HD int ilogb_bits(float x) { return ((float_bits(x) >> 23) & 0xFF) - 127; }
+
+SADAM_HD int floor_half(int n) { return (n - (n & 1)) / 2; }
+
+// 2^n exactly, for n in [-126, 127].
+SADAM_HD float pow2(int n) { return bits_float((n + 127) << 23); }
+
+// x * 2^n as two exact power-of-two factors (n clamped to [-252, 252]; no factor overflows).
+SADAM_HD float times_pow2(float x, int n) {
+  n = n < -252 ? -252 : (n > 252 ? 252 : n);
+  const int half = floor_half(n);
+  return x * pow2(half) * pow2(n - half);
+}
+
+// Folds this step's directional derivatives d (k values) into one statistics row: the new scale
+// E', EMA with bias correction, rho, the window reset, and the applied rho / gamma columns. A row
+// whose d is not finite keeps its statistics. The caller skips the row entirely when found_inf
+// is set.
 SADAM_HD void finalize_row(float* row, const float* d, int k, float beta, float one_minus_beta,
                            int window, float damping, int lag) {
   const float rho_old = row[rho_col(k)];
@@ -133,19 +178,41 @@ SADAM_HD void finalize_row(float* row, const float* d, int k, float beta, float 
     const bool reset = window > 0 && row[count_col(k)] >= static_cast<float>(window);
     const float count = (reset ? 0.0f : row[count_col(k)]) + 1.0f;
     const float correction = 1.0f - ::powf(beta, count);
+    // E': |d| / 2^E' < 2, |a|, sqrt(b) rescaled below 2 (the a term only matters once b has
+    // underflowed); E where everything is 0
+    const int scale = static_cast<int>(row[scale_col(k)]);
+    float d_max = 0.0f, a_max = 0.0f, b_max = 0.0f;
+    for (int i = 0; i < k; ++i) {
+      const float d_abs = ::fabsf(d[i]), a_abs = reset ? 0.0f : ::fabsf(row[i]);
+      const float b = reset ? 0.0f : row[k + i];
+      d_max = d_abs > d_max ? d_abs : d_max;
+      a_max = a_abs > a_max ? a_abs : a_max;
+      b_max = b > b_max ? b : b_max;
+    }
+    int wanted = kAbsent;
+    if (d_max > 0.0f) wanted = ilogb_bits(d_max);
+    if (a_max > 0.0f && scale + ilogb_bits(a_max) > wanted) wanted = scale + ilogb_bits(a_max);
+    if (b_max > 0.0f && scale + floor_half(ilogb_bits(b_max)) > wanted)
+      wanted = scale + floor_half(ilogb_bits(b_max));
+    const int rescaled = wanted == kAbsent ? scale : (wanted < kScaleMin ? kScaleMin : wanted);
+    const int shift = scale - rescaled;
     float estimate = 0.0f;
     for (int i = 0; i < k; ++i) {
-      const float a = beta * (reset ? 0.0f : row[i]) + one_minus_beta * d[i];
-      const float b = beta * (reset ? 0.0f : row[k + i]) + one_minus_beta * d[i] * d[i];
+      const float d_scaled = times_pow2(d[i], -rescaled);
+      const float a_old = times_pow2(reset ? 0.0f : row[i], shift);
+      const float b_old = times_pow2(reset ? 0.0f : row[k + i], 2 * shift);
+      const float a = beta * a_old + one_minus_beta * d_scaled;
+      const float b = beta * b_old + one_minus_beta * d_scaled * d_scaled;
       row[i] = a;
       row[k + i] = b;
       const float mean = a / correction;
       const float second = b / correction;
       const float var = mean * mean > second ? 0.0f : second - mean * mean;
-      estimate += var / (second > 1e-30f ? second : 1e-30f);
+      estimate += second > 0.0f ? var / second : 0.0f;  // a term with B_i = 0 counts 0
     }
     row[count_col(k)] = count;
     row[epoch_col(k)] += reset ? 1.0f : 0.0f;
+    row[scale_col(k)] = static_cast<float>(rescaled);
     if (count >= 2.0f) row[rho_col(k)] = estimate / static_cast<float>(k);
   }
   if (lag == 0) {

@@ -28,8 +28,9 @@ inline void check_stats(const at::Tensor& stats, int64_t probes, at::DeviceType 
   TORCH_CHECK(probes >= 1 && probes <= kMaxProbes, "sadam: probes must be in [1, ", kMaxProbes,
               "], got ", probes);
   TORCH_CHECK(stats.device().type() == device && stats.scalar_type() == at::kFloat &&
-                  stats.dim() == 2 && stats.is_contiguous() && stats.size(1) == 2 * probes + 5,
-              "sadam: stats must be a contiguous (num_scopes, 2 * probes + 5) float32 tensor on ",
+                  stats.dim() == 2 && stats.is_contiguous() &&
+                  stats.size(1) == row_width(static_cast<int>(probes)),
+              "sadam: stats must be a contiguous (num_scopes, 2 * probes + 6) float32 tensor on ",
               device);
 }
 

@@ -62,6 +62,7 @@ def _convert_stats(value, p, group, where):
     if not isinstance(value, torch.Tensor) or not _is_real_float(value):
         kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
         raise ValueError(f"probe_stats of {where} must be a floating-point tensor, got {kind}")
+    value = L.upgrade_stats(value, group["probes"])  # older 2k + 5 layout: E = 0 appended
     expected = expected_stats_shape(group)
     if tuple(value.shape) != expected:
         raise ValueError(f"probe_stats of {where} has shape {tuple(value.shape)}, expected "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import sadam
+from sadam import _layout as L
 from spec_tolerance import assert_params_close, assert_rho_close
 
 BACKENDS = sadam.available_backends("cpu")
@@ -45,6 +46,12 @@ def _assert_unchanged(opt, params, snap):
 
 
 # ----------------------------------------------------------------------------- non-finite grads
+def _statistics_columns(width, probes=8):
+    """Every column but the applied rho and gamma (those record each step, bad or not)."""
+    applied = (L.rho_applied_col(probes), L.gamma_applied_col(probes))
+    return [c for c in range(width) if c not in applied]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_grad_in_one_tensor_scope_tensor(backend, bad):
@@ -65,8 +72,9 @@ def test_nonfinite_grad_in_one_tensor_scope_tensor(backend, bad):
     stats = opt.state[params[0]]["probe_stats"]
     assert not torch.isfinite(params[1]).all()  # as torch.optim.AdamW
     # the bad row was not folded in (only the applied-rho columns record this step)
-    assert torch.equal(stats[1, :-2], stats_before[1, :-2])
-    assert stats[1, -2] == stats_before[1, -3]
+    kept = _statistics_columns(stats.shape[1])
+    assert torch.equal(stats[1, kept], stats_before[1, kept])
+    assert stats[1, L.rho_applied_col(8)] == stats_before[1, L.rho_col(8)]
     twin_stats = twin_opt.state[twin[0]]["probe_stats"]
     for i in (0, 2):
         assert_params_close(params[i], twin[i])
@@ -82,14 +90,15 @@ def test_nonfinite_grad_scope_group_keeps_the_damping(backend, probe_lag):
     opt = sadam.SAdam(params, lr=1e-2, damping=2.0, probe_lag=probe_lag, backend=backend)
     _run(opt, params, 4)
     stats_before = opt.state[params[0]]["probe_stats"].clone()
-    rho_before = stats_before[0, -3]  # the current estimate (RHO column)
+    rho_before = stats_before[0, L.rho_col(8)]  # the current estimate
     for p, g in zip(params, _grads(params, 50)):
         p.grad = g
     params[0].grad[0, 0] = float("nan")
     opt.step()
     stats = opt.state[params[0]]["probe_stats"]
     assert torch.isfinite(stats).all()
-    assert torch.equal(stats[0, :-2], stats_before[0, :-2])  # a, b, count, epoch, rho kept
+    kept = _statistics_columns(stats.shape[1])
+    assert torch.equal(stats[0, kept], stats_before[0, kept])  # a, b, count, epoch, rho, scale
     assert torch.equal(opt.lgi()[0], rho_before)  # this step applied the pre-NaN rho
     assert torch.isfinite(params[1]).all() and torch.isfinite(params[2]).all()
 

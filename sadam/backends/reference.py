@@ -115,6 +115,44 @@ def update(step: GroupStep, *, damped: bool, emit_probe: bool):
     return d
 
 
+# Exact power-of-two arithmetic of the statistics' scale (spec section 3, sadam/_layout.py),
+# written with integer bit operations so that every backend computes the same bits.
+SCALE_MIN = -200  # lowest scale exponent: below it a and b may underflow (they are 0 by then)
+
+
+def ilogb(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 exponent field minus 127 of x >= 0, as int32 (-127 for 0 and subnormals)."""
+    return ((x.contiguous().view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _pow2(n: torch.Tensor) -> torch.Tensor:
+    """2.0**n in fp32, exactly, for int32 n in [-126, 127]."""
+    return ((n + 127) << 23).view(torch.float32)
+
+
+def times_pow2(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """x * 2**n as two exact power-of-two factors (n clamped to [-252, 252]: no factor
+    overflows; results below the fp32 range underflow towards 0)."""
+    n = n.clamp(-252, 252)
+    half = torch.div(n, 2, rounding_mode="floor")
+    return x * _pow2(half) * _pow2(n - half)
+
+
+def new_scale(scale: torch.Tensor, d: torch.Tensor, a: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
+    """The scale exponent E' of each row for this step: the smallest with |d| / 2**E' < 2 and
+    |a|, sqrt(b) rescaled below 2 (the a term only matters once b has underflowed), at least
+    SCALE_MIN; E where d, a and b are all 0."""
+    absent = torch.full_like(scale, -(2 ** 30))
+    d_max, a_max, b_max = d.abs().amax(1), a.abs().amax(1), b.amax(1)
+    from_d = torch.where(d_max > 0, ilogb(d_max), absent)
+    from_a = torch.where(a_max > 0, scale + ilogb(a_max), absent)
+    from_b = torch.where(b_max > 0, scale + torch.div(ilogb(b_max), 2, rounding_mode="floor"),
+                         absent)
+    wanted = torch.maximum(torch.maximum(from_d, from_a), from_b)
+    return torch.where(wanted > absent, wanted.clamp_min(SCALE_MIN), scale)
+
+
 def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     """EMA statistics of d, rho and the applied gamma for the rows this step touched."""
     k = step.probes
@@ -131,6 +169,7 @@ def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     count = old[:, L.count_col(k)]
     epoch = old[:, L.epoch_col(k)]
     rho_old = old[:, L.rho_col(k)]
+    scale = old[:, L.scale_col(k)].to(torch.int32)
 
     if lag == 1:  # the update that just ran applied the previous estimate
         new[:, L.rho_applied_col(k)] = rho_old
@@ -141,12 +180,19 @@ def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     b = torch.where(reset.unsqueeze(1), 0.0, b)
     count = torch.where(reset, 0.0, count) + 1
     epoch = epoch + reset.float()
-    a = beta * a + (1 - beta) * d
-    b = beta * b + (1 - beta) * d * d
+    # rescale to this step's exponent, then the EMA in units of 2**E' (no fp32 over/underflow)
+    rescaled = new_scale(scale, d, a, b)
+    shift = (scale - rescaled).unsqueeze(1)
+    a = times_pow2(a, shift)
+    b = times_pow2(b, 2 * shift)
+    d_scaled = times_pow2(d, -rescaled.unsqueeze(1))
+    a = beta * a + (1 - beta) * d_scaled
+    b = beta * b + (1 - beta) * d_scaled * d_scaled
     correction = 1 - torch.pow(torch.tensor(beta, device=dev), count)
     mean = a / correction.unsqueeze(1)
     second = b / correction.unsqueeze(1)
-    estimate = (torch.clamp(second - mean * mean, min=0.0) / torch.clamp(second, min=1e-30)).mean(1)
+    ratio = torch.clamp(second - mean * mean, min=0.0) / second
+    estimate = torch.where(second > 0, ratio, 0.0).mean(1)  # a term with B_i = 0 counts 0
     rho = torch.where(count >= 2, estimate, rho_old)
 
     # A row whose d is not finite (a NaN/Inf gradient) keeps its statistics: one bad step must
@@ -158,6 +204,7 @@ def finalize(step: GroupStep, d: torch.Tensor, *, lag: int) -> None:
     new[:, L.count_col(k)] = torch.where(finite, count, old[:, L.count_col(k)])
     new[:, L.epoch_col(k)] = torch.where(finite, epoch, old[:, L.epoch_col(k)])
     new[:, L.rho_col(k)] = torch.where(finite, rho, rho_old)
+    new[:, L.scale_col(k)] = torch.where(finite, rescaled.float(), old[:, L.scale_col(k)])
     if lag == 0:
         new[:, L.rho_applied_col(k)] = new[:, L.rho_col(k)]
         new[:, L.gamma_applied_col(k)] = torch.exp(-damping * new[:, L.rho_col(k)])

@@ -31,7 +31,7 @@ class GroupStep:
     exp_avg_sqs: List[torch.Tensor]
     max_exp_avg_sqs: List[torch.Tensor]  # empty unless amsgrad
     steps: List[torch.Tensor]  # 0-d fp32, one per parameter, on the parameter's device
-    stats: torch.Tensor  # (num_scopes, 2 * probes + 5) fp32, see sadam._layout
+    stats: torch.Tensor  # (num_scopes, 2 * probes + 6) fp32, see sadam._layout
     scope_rows: List[int]  # row of `stats` for each tensor
     tensor_ids: List[int]  # j of the probe hash: index of the tensor in its param group
     offsets: List[int]  # flat index of each local tensor's first element in the full tensor
