@@ -18,7 +18,8 @@ $(VENV)/.deps: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==$(TORCH_VERSION) ninja
-	$(PIP) install -q pytest pytest-benchmark tqdm scikit-learn matplotlib mlxtend
+	# hypothesis: tests/test_properties.py; expecttest: torch.testing._internal (test_optim_generic.py)
+	$(PIP) install -q pytest pytest-benchmark hypothesis expecttest tqdm scikit-learn matplotlib mlxtend
 	# the Hugging Face Trainer drop-in test (tests/test_hf_trainer.py)
 	$(PIP) install -q transformers accelerate
 	# the DeepSpeed ZeRO tests (tests/test_deepspeed_zero.py; on CPU it JIT-builds its ops with ninja)

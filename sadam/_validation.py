@@ -1,4 +1,5 @@
 """Hyperparameter checks: each failure is a ValueError that names the argument."""
+import math
 import numbers
 
 import torch
@@ -18,7 +19,7 @@ def _value(name, x):
     """A float of a number or a one-element tensor, for range checks (construction time only)."""
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
-            raise ValueError(f"{name} as a Tensor must have one element, got shape {tuple(x.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(x.shape)}")
         if x.is_floating_point() is False and x.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} as a Tensor must be real, got {x.dtype}")
         return float(x.detach().cpu())
@@ -43,6 +44,28 @@ def _choice(name, x, choices):
     _check(x in choices, name, f"must be one of {choices}", x)
 
 
+TENSOR_HYPERPARAMETERS = ("lr", "weight_decay", "damping", "probe_delta")
+
+
+def _as_scalar(x):
+    """A one-element tensor of any shape as a 0-d view (a scheduler's in-place fill of the
+    original still reaches it); anything else unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.numel() == 1:
+        return x.reshape(())
+    return x
+
+
+def normalize_group(g: dict) -> None:
+    """Hyperparameters given as one-element tensors of shape (1,), (1, 1), ... become 0-d, so
+    every backend sees the scalar it is written for (in place, before validation)."""
+    for name in TENSOR_HYPERPARAMETERS:
+        if name in g:
+            g[name] = _as_scalar(g[name])
+    betas = g.get("betas")
+    if isinstance(betas, (tuple, list)) and any(isinstance(b, torch.Tensor) for b in betas):
+        g["betas"] = tuple(_as_scalar(b) for b in betas)
+
+
 def validate_group(g: dict) -> None:
     """Raise ValueError naming the first invalid hyperparameter of param group ``g``."""
     lr = _value("lr", g["lr"])
@@ -58,18 +81,20 @@ def validate_group(g: dict) -> None:
     wd = _value("weight_decay", g["weight_decay"])
     _check(wd >= 0, "weight_decay", "must be >= 0", g["weight_decay"])
     damping = _value("damping", g["damping"])
-    _check(damping >= 0 and damping == damping, "damping", "must be >= 0", g["damping"])
+    _check(damping >= 0 and math.isfinite(damping), "damping", "must be a finite number >= 0",
+           g["damping"])
     _int("probes", g["probes"], 1, MAX_PROBES)
     _choice("probe", g["probe"], PROBE_MODES)
     pb = _value("probe_beta", g["probe_beta"])
     _check(0.0 <= pb < 1.0 and not isinstance(g["probe_beta"], torch.Tensor), "probe_beta",
            "must be a float in [0, 1)", g["probe_beta"])
     _choice("scope", g["scope"], SCOPES)
-    _choice("probe_lag", g["probe_lag"], (0, 1))
+    _int("probe_lag", g["probe_lag"], 0, 1)  # an int, as amsgrad must be a bool: no True, no 1.0
     if g["probe_window"] is not None:
         _int("probe_window", g["probe_window"], 2)
     delta = _value("probe_delta", g["probe_delta"])
-    _check(delta > 0 and delta == delta, "probe_delta", "must be > 0", g["probe_delta"])
+    _check(delta > 0 and math.isfinite(delta), "probe_delta", "must be a finite number > 0",
+           g["probe_delta"])
     _int("probe_every", g["probe_every"], 1)
     _choice("probe_estimator", g["probe_estimator"], ESTIMATORS)
     _choice("probe_rng", g["probe_rng"], PROBE_RNG)

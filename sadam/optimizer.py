@@ -7,15 +7,13 @@ from torch.optim import Optimizer
 
 from . import _layout as L
 from . import backends
-from ._validation import (validate_grad, validate_group, validate_loss_groups, validate_param)
+from ._saved_state import MOMENTS, convert_param_state
+from ._validation import (TENSOR_HYPERPARAMETERS, normalize_group, validate_grad,
+                          validate_group, validate_loss_groups, validate_param)
 from .distributed import any_nonzero, is_dtensor, shard_params, to_local
 from .distributed import zero
 from .functional import sadam
 from .loss_probe import LossProbe
-
-
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_REQUIRED_STATE = ("step", "exp_avg", "exp_avg_sq")  # a parameter's state has all or none
 
 
 class SAdam(Optimizer):
@@ -64,6 +62,7 @@ class SAdam(Optimizer):
                         probe_every=probe_every, probe_estimator=probe_estimator,
                         state_dtype=state_dtype, seed=seed, amsgrad=amsgrad, maximize=maximize,
                         backend=backend, capturable=capturable, probe_rng=probe_rng)
+        normalize_group(defaults)
         validate_group(dict(defaults, params=[]))
         self._backends = {}
         # each group's parameters as given, by id of the group dict: DeepSpeed replaces a group's
@@ -77,22 +76,27 @@ class SAdam(Optimizer):
         group = self.param_groups[-1]
         self._declared_params[id(group)] = list(group["params"])
         try:
+            normalize_group(group)
             validate_group(group)
             validate_loss_groups(self.param_groups)
             for i, p in enumerate(group["params"]):
                 validate_param(p, f"param {i} of group {len(self.param_groups) - 1}")
-                self._backend(group["backend"], p.device, strict=False)
+                # a backend that cannot run these parameters fails here, not halfway into a step
+                self._backend(group["backend"], p.device)
                 if group["probe"] == "loss" and is_dtensor(p):
                     raise ValueError("probe='loss' does not support sharded (DTensor) parameters "
                                      "(each rank would probe its own loss); use "
                                      "probe='gradient'")
-        except ValueError:
+        except (ValueError, backends.BackendUnavailable):
             self.param_groups.pop()
             del self._declared_params[id(group)]
             raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        # torch's Optimizer adds a "differentiable" default that SAdam does not have: without
+        # this, it would appear in every group after a load, deepcopy or pickle
+        self.defaults.pop("differentiable", None)
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_loss_probe", LossProbe(self))
         self.__dict__.setdefault("_declared_params",
@@ -101,17 +105,12 @@ class SAdam(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
-    def _backend(self, name, device, strict=True):
-        """The backend module for ``name`` on ``device``, resolved once (also ahead of the first
-        step, so a compiled step never runs the resolution). A backend that cannot run raises
-        when a step needs it (``strict``), not at construction."""
+    def _backend(self, name, device):
+        """The backend module for ``name`` on ``device``, resolved once (at construction, so a
+        compiled step never runs the resolution). Raises BackendUnavailable saying why."""
         impl = self._backends.get((name, device))
         if impl is None:
-            try:
-                impl = self._backends[(name, device)] = backends.resolve(name, device)
-            except backends.BackendUnavailable:
-                if strict:
-                    raise
+            impl = self._backends[(name, device)] = backends.resolve(name, device)
         return impl
 
     # ----------------------------------------------------------------------------------- state
@@ -161,11 +160,13 @@ class SAdam(Optimizer):
         return state
 
     def _check_grads(self):
-        """Reject bad gradients, state that no longer fits its parameter and unsupported
-        shardings before anything is modified (host-side checks of shapes, dtypes, devices and
-        placements: no device value is read). Returns each group's :func:`shard_params` of the
-        parameters that have a gradient."""
-        shards = []
+        """The pre-flight pass over EVERY group before any tensor is modified: bad gradients,
+        parameters or state that no longer fit, hyperparameters set to tensors of another shape,
+        a backend that cannot run the group's parameters, unsupported shardings (host-side checks
+        of shapes, dtypes, devices and placements: no device value is read). Returns, per group,
+        the :func:`shard_params` of its parameters with a gradient and the backend that runs
+        them."""
+        plans = []
         for gi, group in enumerate(self.param_groups):
             with_grad = []
             for j, p in enumerate(group["params"]):
@@ -175,15 +176,39 @@ class SAdam(Optimizer):
                     validate_param(p, where)  # e.g. module.double() after construction
                     self._check_state_fits(p, where)
                     with_grad.append(p)
-            shards.append(shard_params(with_grad, f"param group {gi}"))
-        return shards
+            self._check_tensor_hyperparameters(group, gi)
+            impl = self._group_backend(group, gi, with_grad) if with_grad else None
+            plans.append((shard_params(with_grad, f"param group {gi}"), impl))
+        return plans
+
+    @staticmethod
+    def _check_tensor_hyperparameters(group, gi):
+        values = [(name, group[name]) for name in TENSOR_HYPERPARAMETERS]
+        values += [(f"betas[{i}]", b) for i, b in enumerate(group["betas"])]
+        for name, value in values:
+            if isinstance(value, torch.Tensor) and value.dim() != 0:
+                raise ValueError(f"{name} of param group {gi} is a tensor of shape "
+                                 f"{tuple(value.shape)}; a tensor hyperparameter must be 0-d")
+
+    def _group_backend(self, group, gi, with_grad):
+        """The backend for the group's parameters with a gradient, checked to run all of them:
+        the kernels take one device per group, the reference any mix."""
+        impl = self._backend(group["backend"], with_grad[0].device)
+        if impl.name == "torch":
+            return impl
+        devices = {p.device for p in with_grad} | {group["params"][0].device}
+        if len(devices) > 1:
+            raise ValueError(f"param group {gi} has parameters on {sorted(map(str, devices))}; "
+                             f"backend {group['backend']!r} runs one device per group: put each "
+                             "device's parameters in their own group, or use backend='torch'")
+        return impl
 
     def _check_state_fits(self, p, where):
         for name, value in self.state.get(p, {}).items():
             if not isinstance(value, torch.Tensor):
                 continue
             moved = value.device != p.device
-            resized = name in _MOMENTS and value.shape != p.shape
+            resized = name in MOMENTS and value.shape != p.shape
             if moved or resized:
                 raise RuntimeError(
                     f"state {name!r} of {where} is a {tuple(value.shape)} tensor on "
@@ -213,14 +238,14 @@ class SAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         with torch.no_grad():  # the local shards it takes are updated in place
-            shards = self._check_grads()
+            plans = self._check_grads()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         with torch.no_grad():
             if loss_groups:
                 self._loss_probe.run(loss_groups, closure, loss, rng_before, found_inf)
-            for group, group_shards in zip(self.param_groups, shards):
-                self._step_group(group, group_shards, grad_scale, found_inf)
+            for group, (group_shards, impl) in zip(self.param_groups, plans):
+                self._step_group(group, group_shards, impl, grad_scale, found_inf)
         return loss
 
     def _is_state_init_step(self, closure) -> bool:
@@ -235,7 +260,7 @@ class SAdam(Optimizer):
             return False
         for group in self.param_groups:
             lr = group["lr"]
-            if (float(lr) if isinstance(lr, torch.Tensor) else lr) != 0:
+            if (float(lr.detach()) if isinstance(lr, torch.Tensor) else lr) != 0:
                 return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return bool(grads) and not any_nonzero(grads)
@@ -248,10 +273,10 @@ class SAdam(Optimizer):
             if with_grad:
                 self._group_stats(group)
 
-    def _step_group(self, group, shards, grad_scale, found_inf):
+    def _step_group(self, group, shards, impl, grad_scale, found_inf):
         declared = self._zero_declared(group)
         if declared is not None:
-            self._step_zero_group(group, declared, grad_scale, found_inf)
+            self._step_zero_group(group, declared, impl, grad_scale, found_inf)
             return
         lists = defaultdict(list)
         for j, p in enumerate(group["params"]):
@@ -272,9 +297,9 @@ class SAdam(Optimizer):
         # DTensor (FSDP2) parameters are stepped on their local shards; the offsets place each
         # shard's probe signs in the full tensor and the group sums the partial probe sums.
         lists["params"], offsets, process_group = shards
-        self._run_group(group, lists, offsets, process_group, grad_scale, found_inf)
+        self._run_group(group, lists, offsets, process_group, impl, grad_scale, found_inf)
 
-    def _step_zero_group(self, group, declared, grad_scale, found_inf):
+    def _step_zero_group(self, group, declared, impl, grad_scale, found_inf):
         """DeepSpeed's fp32 partitions stepped fragment by fragment: true tensor ids and offsets,
         probe partials summed over the data-parallel group (see sadam.distributed.zero)."""
         params = group["params"]
@@ -297,12 +322,12 @@ class SAdam(Optimizer):
             lists["tensor_ids"].append(f.index)
         if not fragments:
             return
-        self._run_group(group, lists, [f.offset for f in fragments], process_group, grad_scale,
-                        found_inf)
+        self._run_group(group, lists, [f.offset for f in fragments], process_group, impl,
+                        grad_scale, found_inf)
         for f, step in zip(fragments, lists["state_steps"]):
             states[f.source]["step"].copy_(step)
 
-    def _run_group(self, group, lists, offsets, process_group, grad_scale, found_inf):
+    def _run_group(self, group, lists, offsets, process_group, impl, grad_scale, found_inf):
         params = lists["params"]
         beta1, beta2 = group["betas"]
         sadam(params, *(to_local(lists[name]) for name in
@@ -314,37 +339,48 @@ class SAdam(Optimizer):
               damping=group["damping"], amsgrad=group["amsgrad"], maximize=group["maximize"],
               probe=group["probe"], probes=group["probes"], probe_beta=group["probe_beta"],
               probe_lag=group["probe_lag"], probe_window=group["probe_window"],
-              seed=group["seed"], grad_scale=grad_scale, found_inf=found_inf,
-              backend=self._backend(group["backend"], params[0].device))
+              seed=group["seed"], grad_scale=grad_scale, found_inf=found_inf, backend=impl)
 
     # ------------------------------------------------------------------------------- reporting
     def _applied(self, column_of):
         out = []
         for group in self.param_groups:
             k = group["probes"]
-            anchor = self._stats_anchor(group)
-            stats = self.state.get(anchor, {}).get("probe_stats")
-            if stats is None:
-                stats = L.new_stats(self._num_scopes(group), k, anchor.device)
+            params = group["params"]
+            stats = None
+            if params:
+                stats = self.state.get(self._stats_anchor(group), {}).get("probe_stats")
+            if stats is None:  # no step yet (or an empty group): the values of fresh statistics
+                device = self._stats_anchor(group).device if params else "cpu"
+                stats = L.new_stats(self._num_scopes(group), k, device)
             values = stats[:, column_of(k)].clone()
             out.append(values[0] if group["scope"] == "group" else values)
         return out
 
     def lgi(self):
         """The rho (Local Geometric Instability) the last step used, one entry per param group:
-        a 0-d tensor for ``scope="group"``, one value per parameter for ``scope="tensor"``."""
+        a 0-d tensor for ``scope="group"``, one value per parameter for ``scope="tensor"``.
+        Before the first step, and for a group without parameters, it is that of fresh
+        statistics: 0 (``scope="group"``), or one 0 per parameter (an empty tensor for an
+        empty group with ``scope="tensor"``)."""
         return self._applied(L.rho_applied_col)
 
     def damping_factors(self):
-        """The gamma = exp(-damping * rho) the last step applied, shaped like :meth:`lgi`."""
+        """The gamma = exp(-damping * rho) the last step applied, shaped like :meth:`lgi` (1
+        before the first step and for a group without parameters)."""
         return self._applied(L.gamma_applied_col)
 
     # ------------------------------------------------------------------------------ state_dict
     def load_state_dict(self, state_dict):
-        """Load a state from :meth:`state_dict`. Everything is checked before anything changes;
-        tensors keep their saved dtypes (fp32 moments stay fp32 beside bf16 parameters). The
-        ``backend`` of each group stays the one this optimizer was built with: the state does not
-        depend on the backend that wrote it."""
+        """Load a state from :meth:`state_dict`, as torch's ``Optimizer.load_state_dict`` does
+        (hooks, ``param_names``), with every value checked before anything changes: the
+        hyperparameters as at construction, each tensor of the state for dtype, shape and range
+        (see ``sadam/_saved_state.py``). Tensors are converted to what a step uses: ``step`` to
+        a 0-d fp32 tensor (a number from an older checkpoint is accepted), moments to the
+        group's ``state_dtype``, probe statistics to fp32, all on the parameter's device. The
+        ``backend`` of each group stays the one this optimizer was built with: the state does
+        not depend on the backend that wrote it."""
+        state_dict = state_dict.copy()  # shallow, as torch: a pre-hook may replace entries
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -354,60 +390,38 @@ class SAdam(Optimizer):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer "
                              f"{len(self.param_groups)}")
         id_map = {}
+        group_of = {}
         new_groups = []
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"param group {gi} of the state_dict has {len(saved['params'])} "
                                  f"parameters, the optimizer's {len(group['params'])}")
             new_group = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+            new_group.pop("differentiable", None)  # written by earlier versions; not an option
             for key, value in self.defaults.items():
                 new_group.setdefault(key, value)
             new_group["params"] = group["params"]
+            if "param_names" in group and "param_names" not in new_group:
+                new_group["param_names"] = group["param_names"]  # torch keeps the names it has
             new_group["backend"] = group["backend"]  # the state is the same on every backend
+            normalize_group(new_group)
             validate_group(new_group)
             new_groups.append(new_group)
             id_map.update(zip(saved["params"], group["params"]))
+            scopes = self._num_scopes(new_group, declared_as=group)
+            group_of.update((key, (gi, new_group, scopes)) for key in saved["params"])
 
         new_state = defaultdict(dict)
         for key, values in state_dict["state"].items():
             if key not in id_map:
                 raise ValueError(f"state_dict has state for parameter {key!r}, which no param "
                                  "group lists")
-            p = id_map[key]
-            self._check_saved_state(p, values, key)
-            new_state[p] = {name: (v.detach().to(p.device, copy=True)
-                                   if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                            for name, v in values.items()}
-        for gi, group in enumerate(new_groups):
-            anchor_state = new_state.get(group["params"][0], {})
-            stats = anchor_state.get("probe_stats")
-            if stats is not None:  # a checkpoint of the 2k + 5 layout gets its SCALE column
-                stats = anchor_state["probe_stats"] = L.upgrade_stats(stats, group["probes"])
-            scopes = self._num_scopes(group, declared_as=self.param_groups[gi])
-            if stats is not None and stats.shape != (scopes, L.row_width(group["probes"])):
-                raise ValueError(f"probe_stats of param group {gi} has shape {tuple(stats.shape)}, "
-                                 f"expected {(scopes, L.row_width(group['probes']))} for "
-                                 f"scope={group['scope']!r}, probes={group['probes']}")
-            if stats is not None and not torch.isfinite(stats).all():
-                raise ValueError(f"probe_stats of param group {gi} holds non-finite values")
+            gi, group, scopes = group_of[key]
+            new_state[id_map[key]] = convert_param_state(
+                id_map[key], values, group, f"parameter {key!r} (param group {gi})", scopes)
 
         self._declared_params = {id(new): self._declared_params.get(id(old), list(old["params"]))
                                  for old, new in zip(self.param_groups, new_groups)}
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
-
-    @staticmethod
-    def _check_saved_state(p, values, key):
-        present = [name for name in _REQUIRED_STATE if name in values]
-        if present and len(present) != len(_REQUIRED_STATE):
-            missing = sorted(set(_REQUIRED_STATE) - set(present))
-            raise ValueError(f"state of parameter {key!r} has {present} but lacks {missing}")
-        for name in _MOMENTS:
-            v = values.get(name)
-            if v is not None and tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"state {name!r} of parameter {key!r} has shape "
-                                 f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")
-        step = values.get("step")
-        if step is not None and (not isinstance(step, torch.Tensor) or step.numel() != 1):
-            raise ValueError(f"state 'step' of parameter {key!r} must be a one-element tensor")

@@ -186,3 +186,174 @@ def test_auto_picks_the_first_available_backend_in_order():
     expected = "cpu" if "cpu" in available else "torch"
     cpu = torch.device("cpu")
     assert backends.resolve("auto", cpu) is backends.resolve(expected, cpu)
+
+
+# ------------------------------------------------------------ non-finite damping and probe_delta
+NON_FINITE = [float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("name", ["damping", "probe_delta"])
+@pytest.mark.parametrize("value", NON_FINITE, ids=str)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_non_finite_damping_or_probe_delta_names_the_argument(name, value, as_tensor):
+    value = torch.tensor(value) if as_tensor else value
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        SAdam([torch.nn.Parameter(torch.zeros(2))], **{name: value})
+
+
+@pytest.mark.parametrize("name", ["damping", "probe_delta"])
+def test_non_finite_damping_or_probe_delta_in_a_state_dict_is_refused(name):
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = SAdam(params, backend="torch")
+    params[0].grad = torch.ones(3)
+    opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0][name] = float("inf")
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, params, snap)
+    assert opt.param_groups[0][name] != float("inf")
+
+
+# ------------------------------------------------------------------------- half-applied steps
+def test_unavailable_backend_of_a_later_group_fails_at_construction():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(BackendUnavailable, match="backend='cuda'"):
+        SAdam([{"params": [a]}, {"params": [b], "backend": "cuda"}])
+    opt = SAdam([a])
+    with pytest.raises(BackendUnavailable, match="backend='cuda'"):
+        opt.add_param_group({"params": [b], "backend": "cuda"})
+    assert len(opt.param_groups) == 1  # the rejected group was not kept
+
+
+def _cpu_kernel_or_skip():
+    from sadam import backends
+    if "cpu" not in backends.available_backends("cpu"):
+        pytest.skip("sadam._C (the cpu backend) is not built")
+
+
+@pytest.mark.parametrize("backend,moved", [("cpu", 0), ("cpu", 1), ("auto", 1)])
+def test_a_group_that_cannot_step_is_found_before_any_group_steps(backend, moved):
+    """A parameter moved after construction, before it has state (``module.to()`` swaps the
+    tensors; here to the meta device): its group cannot run on its backend, and the first
+    group must not be updated either."""
+    _cpu_kernel_or_skip()
+    torch.manual_seed(0)
+    first = torch.nn.Parameter(torch.randn(4))
+    second = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(5))]
+    opt = SAdam([{"params": [first]}, {"params": second, "backend": backend}])
+    torch.utils.swap_tensors(second[moved], torch.nn.Parameter(second[moved].to("meta")))
+    for p in [first] + second:
+        p.grad = torch.ones_like(p)
+    before = first.detach().clone()
+    with pytest.raises((ValueError, BackendUnavailable), match="meta"):
+        opt.step()
+    assert torch.equal(first.detach(), before) and not opt.state
+
+
+def test_tensor_hyperparameter_reshaped_after_construction_is_found_before_any_step():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = SAdam([{"params": [a]}, {"params": [b]}], backend="torch")
+    opt.param_groups[1]["lr"] = torch.tensor([1e-3, 1e-3])
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    with pytest.raises(ValueError, match=r"\blr\b.*param group 1"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(2)) and not opt.state
+
+
+# ----------------------------------------------- one-element tensor hyperparameters of any shape
+ONE_ELEMENT = {
+    "lr": dict(lr=torch.tensor([[1e-2]])),
+    "betas-(1,)": dict(betas=(torch.tensor([0.8]), torch.tensor([0.99]))),
+    "betas-(1,1,1)": dict(betas=(torch.tensor([[[0.8]]]), 0.99)),
+    "weight_decay": dict(weight_decay=torch.tensor([0.1])),
+    "damping": dict(damping=torch.tensor([[2.0]])),
+}
+SCALAR = {
+    "lr": dict(lr=torch.tensor(1e-2)),
+    "betas-(1,)": dict(betas=(torch.tensor(0.8), torch.tensor(0.99))),
+    "betas-(1,1,1)": dict(betas=(torch.tensor(0.8), 0.99)),
+    "weight_decay": dict(weight_decay=torch.tensor(0.1)),
+    "damping": dict(damping=torch.tensor(2.0)),
+}
+
+
+def _backends_here():
+    from sadam import backends
+    return [b for b in ("torch", "cpu") if b in backends.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("case", list(ONE_ELEMENT))
+def test_one_element_tensor_hyperparameters_act_as_their_scalar(case, backend):
+    if backend not in _backends_here():
+        pytest.skip(f"backend {backend!r} is not available here")
+    results = []
+    for hyper in (ONE_ELEMENT[case], SCALAR[case]):
+        torch.manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+        opt = SAdam(params, backend=backend, **copy.deepcopy(hyper))
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        results.append(([p.detach().clone() for p in params], opt.lgi()[0]))
+    (ps, rho), (qs, rho_q) = results
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+    assert torch.equal(rho, rho_q)
+
+
+def test_one_element_lr_still_follows_a_scheduler_that_fills_it():
+    """The 0-d form is a view of the tensor the user passed: an in-place update reaches it."""
+    lr = torch.tensor([[1e-2]])
+    opt = SAdam([torch.nn.Parameter(torch.zeros(2))], lr=lr, backend="torch")
+    lr.fill_(2.0 ** -8)
+    assert float(opt.param_groups[0]["lr"]) == 2.0 ** -8 and opt.param_groups[0]["lr"].dim() == 0
+
+
+def test_one_element_tensor_hyperparameters_in_a_state_dict_become_0d():
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = SAdam(params, lr=torch.tensor(1e-2), backend="torch")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["lr"] = torch.tensor([1e-2])
+    sd["param_groups"][0]["betas"] = (torch.tensor([[0.9]]), 0.999)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"].dim() == 0 and opt.param_groups[0]["betas"][0].dim() == 0
+    params[0].grad = torch.ones(3)
+    opt.step()
+    assert torch.isfinite(params[0]).all()
+
+
+# ------------------------------------------------------------------------------ empty groups
+def test_empty_param_group_has_an_lgi_and_a_damping_factor():
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SAdam([{"params": [p]}, {"params": []}, {"params": [], "scope": "tensor"}],
+                backend="torch")
+    p.grad = torch.ones(3)
+    opt.step()
+    rho, gamma = opt.lgi(), opt.damping_factors()
+    assert len(rho) == len(gamma) == 3
+    assert rho[1].shape == () and float(rho[1]) == 0.0 and float(gamma[1]) == 1.0
+    assert rho[2].shape == (0,) and gamma[2].shape == (0,)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # and it round-trips
+
+
+# -------------------------------------------------------------------- flags: bool, int, tensor
+@pytest.mark.parametrize("value", [True, False, 1.0, 0.0])
+def test_probe_lag_must_be_an_int_as_amsgrad_must_be_a_bool(value):
+    with pytest.raises(ValueError, match="probe_lag"):
+        SAdam([torch.nn.Parameter(torch.zeros(2))], probe_lag=value)
+
+
+def test_requires_grad_tensor_lr_raises_no_warning_as_in_adamw():
+    import warnings
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SAdam([p], lr=torch.tensor(1e-3, requires_grad=True), backend="torch")
+    p.grad = torch.ones(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        opt.step()
