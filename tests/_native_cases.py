@@ -7,6 +7,7 @@ import torch
 
 from sadam import _layout as L
 from sadam import _ops
+from sadam.functional import sadam as functional_sadam
 from sadam.backends.step import GroupStep
 
 
@@ -39,6 +40,21 @@ def make_group(shapes, *, dtype=torch.float32, state_dtype=torch.float32, probes
         amsgrad=amsgrad, maximize=False, probes=probes, probe_beta=0.9, window=0, seed=seed)
     group.update(hyper)
     return group
+
+
+def run_functional(group, backend, lag, probe="gradient"):
+    """One step of the group through sadam.functional (the stage order every backend shares)."""
+    functional_sadam(group["params"], group["grads"], group["exp_avgs"], group["exp_avg_sqs"],
+                     group["max_exp_avg_sqs"], group["steps"], group["stats"],
+                     scope_rows=group["scope_rows"], tensor_ids=group["tensor_ids"],
+                     offsets=group["offsets"], lr=group["lr"], beta1=group["beta1"],
+                     beta2=group["beta2"], eps=group["eps"], weight_decay=group["weight_decay"],
+                     damping=group["damping"], amsgrad=group["amsgrad"],
+                     maximize=group["maximize"], probe=probe, probes=group["probes"],
+                     probe_beta=group["probe_beta"], probe_lag=lag,
+                     probe_window=group["window"] or None, seed=group["seed"],
+                     grad_scale=group.get("grad_scale"), found_inf=group.get("found_inf"),
+                     backend=backend)
 
 
 def step_of(group) -> GroupStep:
@@ -106,4 +122,5 @@ def row_abs_sums(group):
 
 
 __all__ = ["require", "make_group", "step_of", "new_grads", "clone", "assert_rel",
-           "assert_within_ulp", "assert_d_close", "assert_stats_close", "row_abs_sums", "_ops"]
+           "assert_within_ulp", "assert_d_close", "assert_stats_close", "row_abs_sums", "_ops",
+           "run_functional"]
