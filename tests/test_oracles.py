@@ -231,3 +231,44 @@ def test_grad_scale_is_divided_out_before_everything(backend):
     for p, q in zip(params, oracle.p):
         assert _rel(p, q) < 2e-6
     assert float((stats[:, L.rho_col(6)].double().cpu() - oracle.rho).abs().max()) < 1e-5
+
+
+SPEC_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, damping=1.0,
+                     probes=8, probe_beta=0.9, scope="group", probe_lag=1, amsgrad=False,
+                     maximize=False, seed=0)
+
+
+@pytest.mark.parametrize("entry", ["optimizer", "functional"])
+def test_defaults_are_the_specs(entry):
+    """SAdam(params) and sadam.functional.sadam with every hyperparameter left out step as the
+    interface of the specification says (section 5), on the reference backend."""
+    oracle = Oracle(_initial(), **SPEC_DEFAULTS)
+    params = [torch.nn.Parameter(p) for p in _initial()]
+    if entry == "optimizer":
+        opt = sadam.SAdam(params, backend="torch")
+    else:
+        moments = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+        moments[2] = []  # amsgrad is off by default: no max_exp_avg_sq
+        steps = [torch.zeros(()) for _ in params]
+        stats = L.new_stats(1, SPEC_DEFAULTS["probes"], "cpu")
+    for step in range(1, 6):
+        grads = _gradients(step, SHAPES)
+        for p, g in zip(params, grads):
+            p.grad = g
+        with torch.no_grad():
+            if entry == "optimizer":
+                opt.step()
+            else:
+                sadam.functional.sadam(params, grads, *moments, steps, stats,
+                                       scope_rows=[0] * len(params),
+                                       tensor_ids=list(range(len(params))), backend="torch")
+        oracle.step(grads)
+        for p, q in zip(params, oracle.p):
+            assert _rel(p, q) < 2e-6, step
+    if entry == "optimizer":
+        stats = opt.state[params[0]]["probe_stats"]
+    k = SPEC_DEFAULTS["probes"]
+    assert float((stats[:, L.rho_col(k)].double() - oracle.rho).abs().max()) < 1e-5
+    assert float((stats[:, L.gamma_applied_col(k)].double()
+                  - oracle.gamma_applied()).abs().max()) < 1e-5
+    assert float(oracle.rho.min()) > 0.05  # the damping was really exercised
