@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(wildcard csrc/*)
 
-.PHONY: test demo bench soak pss-demo build venv clean mutation
+.PHONY: test test-oldest demo bench soak pss-demo build venv clean mutation
 
 venv: $(VENV)/.deps
 build: $(VENV)/.built
@@ -30,6 +30,18 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(NATIVE_SOURCES)
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The same suite on the oldest supported stack (torch 2.11, which pins Triton 3.6: the stack of the
+# GPU machines). It runs in a copy of the tree so that its extension, built against that torch, never
+# replaces the one `make test` built in place; the copy's venv lives beside it and is reused.
+OLDEST_TORCH ?= 2.11.0
+OLDEST := $(CURDIR)/.oldest
+test-oldest:
+	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
+	git ls-files -z --cached --others --exclude-standard \
+		| tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(OLDEST)/src
+	rm -f $(OLDEST)/venv/.built
+	$(MAKE) -C $(OLDEST)/src test VENV=$(OLDEST)/venv TORCH_VERSION=$(OLDEST_TORCH) PYTEST_ARGS="$(PYTEST_ARGS)"
 
 # The quick study (minutes); the full one is `$(PY) -m sadam.study` (results/, under an hour).
 demo: build

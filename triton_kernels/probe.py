@@ -25,11 +25,14 @@ def reduce_partials_kernel(partials, row_start, row_chunks, d, K: tl.constexpr,
     hi = tl.load(row_start + row + 1)
     probe = tl.arange(0, K_PAD)
     acc = tl.zeros([K_PAD], dtype=tl.float32)
-    for first in range(lo, hi, RBLOCK):
+    # a while loop: Triton 3.6's interpreter cannot run `range` over runtime bounds
+    first = lo
+    while first < hi:
         idx = first + tl.arange(0, RBLOCK)
         mask = idx < hi
         chunk = tl.load(row_chunks + idx, mask=mask, other=0).to(tl.int64)
         tile = tl.load(partials + chunk[:, None] * K_PAD + probe[None, :], mask=mask[:, None],
                        other=0.0)
         acc += tl.sum(tile, axis=0)
+        first += RBLOCK
     tl.store(d + row * K + probe, acc, mask=probe < K)

@@ -41,11 +41,9 @@ def _chunk(start, numel, go, addresses, tensor, offset, key, b1, c1, b2, c2, ste
     v_address = _column(addresses, tensor, ADDRESS_COLS, V)
     vmax_address = _column(addresses, tensor, ADDRESS_COLS, VMAX)
     acc = tl.zeros([K_PAD], dtype=tl.float32)
-    if FULL:
-        iters = ITERS
-    else:  # the last chunk of a tensor: skip its empty blocks
-        iters = tl.minimum(tl.cdiv(numel - start, BLOCK), ITERS)
-    for it in range(iters):
+    # A constexpr trip count: Triton 3.6's interpreter cannot loop over a runtime tensor bound.
+    # The last chunk of a tensor masks its empty blocks instead of skipping them.
+    for it in range(ITERS):
         offs = start + it * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
         if FULL:
             inside = tl.full([BLOCK], 1, tl.int1)
