@@ -18,11 +18,12 @@ M32 = 0xFFFFFFFF
 
 
 # ------------------------------------------------------------------------------ the oracle
-def spec_signs(numel, probes, tensor_id, epoch, seed):
-    """Spec section 2: s_i(e) = +1 if bit i of the element's hash is set, else -1."""
+def spec_signs(numel, probes, tensor_id, epoch, seed, offset=0):
+    """Spec section 2: s_i(e) = +1 if bit i of the element's hash is set, else -1; ``offset`` is
+    the global index of the first element (a shard of a larger tensor)."""
     key = (seed ^ ((0x9E3779B9 * (epoch + 1)) & M32) ^ ((0x85EBCA6B * (tensor_id + 1)) & M32)) & M32
     rows = []
-    for e in range(numel):
+    for e in range(offset, offset + numel):
         x = (e & M32) ^ key
         x = (x ^ (((e >> 32) * 0xC2B2AE35) & M32)) & M32
         x ^= x >> 16
@@ -38,7 +39,7 @@ class Oracle:
     """One param group stepped in float64 by the spec's formulas."""
 
     def __init__(self, params, *, lr, betas, eps, weight_decay, damping, probes, probe_beta,
-                 scope, probe_lag, amsgrad, maximize, seed):
+                 scope, probe_lag, amsgrad, maximize, seed, offsets=None):
         self.p = [p.detach().double().clone() for p in params]
         self.m = [torch.zeros_like(p) for p in self.p]
         self.v = [torch.zeros_like(p) for p in self.p]
@@ -54,7 +55,9 @@ class Oracle:
         self.count = 0
         self.rho = torch.zeros(n_rows, dtype=torch.float64)
         self.rho_applied = torch.zeros(n_rows, dtype=torch.float64)
-        self.signs = [spec_signs(p.numel(), probes, j, 0, seed) for j, p in enumerate(self.p)]
+        offsets = offsets or [0] * len(self.p)
+        self.signs = [spec_signs(p.numel(), probes, j, 0, seed, offsets[j])
+                      for j, p in enumerate(self.p)]
 
     def _statistics(self, grads):
         h = self.hp
@@ -214,7 +217,8 @@ def test_grad_scale_is_divided_out_before_everything(backend):
     """A GradScaler-style scale on the gradients gives the unscaled trajectory (functional API)."""
     device = _backends.device_of(backend)
     hyper = dict(HYPER, amsgrad=True, maximize=False, probe_lag=1, scope="group")
-    oracle = Oracle(_initial(), **hyper)
+    offsets = [0, 5, 2 ** 33]  # shards of larger tensors: their signs start further in
+    oracle = Oracle(_initial(), offsets=offsets, **hyper)
     params = [p.to(device) for p in _initial()]
     moments = [[torch.zeros_like(p) for p in params] for _ in range(3)]
     steps = [torch.zeros((), device=device) for _ in params]
@@ -224,7 +228,8 @@ def test_grad_scale_is_divided_out_before_everything(backend):
         grads = _gradients(step, SHAPES)
         sadam.functional.sadam(
             params, [g.to(device) * 512.0 for g in grads], *moments, steps, stats,
-            scope_rows=[0, 0, 0], tensor_ids=[0, 1, 2], lr=hyper["lr"], beta1=0.8, beta2=0.95,
+            scope_rows=[0, 0, 0], tensor_ids=[0, 1, 2], offsets=offsets, lr=hyper["lr"],
+            beta1=0.8, beta2=0.95,
             eps=1e-8, weight_decay=0.2, damping=3.0, amsgrad=True, probes=6, probe_beta=0.7,
             probe_lag=1, seed=11, grad_scale=scale, backend=backend)
         oracle.step(grads)
@@ -240,8 +245,8 @@ SPEC_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, d
 
 @pytest.mark.parametrize("entry", ["optimizer", "functional"])
 def test_defaults_are_the_specs(entry):
-    """SAdam(params) and sadam.functional.sadam with every hyperparameter left out step as the
-    interface of the specification says (section 5), on the reference backend."""
+    """SAdam(params) and sadam.functional.sadam with every hyperparameter left out (the backend
+    too: "auto") step as the interface of the specification says (section 5)."""
     oracle = Oracle(_initial(), **SPEC_DEFAULTS)
     params = [torch.nn.Parameter(p) for p in _initial()]
     if entry == "optimizer":
@@ -261,7 +266,7 @@ def test_defaults_are_the_specs(entry):
             else:
                 sadam.functional.sadam(params, grads, *moments, steps, stats,
                                        scope_rows=[0] * len(params),
-                                       tensor_ids=list(range(len(params))), backend="torch")
+                                       tensor_ids=list(range(len(params))))
         oracle.step(grads)
         for p, q in zip(params, oracle.p):
             assert _rel(p, q) < 2e-6, step
@@ -272,3 +277,22 @@ def test_defaults_are_the_specs(entry):
     assert float((stats[:, L.gamma_applied_col(k)].double()
                   - oracle.gamma_applied()).abs().max()) < 1e-5
     assert float(oracle.rho.min()) > 0.05  # the damping was really exercised
+
+
+def test_functional_on_a_single_tensor():
+    """A group of one tensor through sadam.functional with a backend named by string."""
+    hyper = dict(HYPER, amsgrad=False, maximize=False, probe_lag=0, scope="group")
+    initial = _initial()[:1]
+    oracle = Oracle(initial, **hyper)
+    p = initial[0].clone()
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    steps, stats = [torch.zeros(())], L.new_stats(1, hyper["probes"], "cpu")
+    for step in range(1, 4):
+        g = _gradients(step, SHAPES[:1])
+        sadam.functional.sadam([p], g, [m], [v], [], steps, stats, scope_rows=[0],
+                               tensor_ids=[0], lr=0.05, beta1=0.8, beta2=0.95, weight_decay=0.2,
+                               damping=3.0, probes=6, probe_beta=0.7, probe_lag=0, seed=11,
+                               backend="torch")
+        oracle.step(g)
+        assert _rel(p, oracle.p[0]) < 2e-6
+    assert float((stats[0, L.rho_col(6)].double() - oracle.rho[0]).abs()) < 1e-5
