@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(wildcard csrc/* csrc/cpu/*)
 
-.PHONY: test test-oldest demo bench soak pss-demo build venv clean gpu-check
+.PHONY: test test-oldest demo bench soak pss-demo build venv clean gpu-check mutation
 
 venv: $(VENV)/.deps
 build: $(VENV)/.built
@@ -71,7 +71,21 @@ bench: build $(VENV)/.bench-deps
 	$(PY) bench/plot.py bench/results/$$($(PY) bench/plot.py --machine-name).json
 
 clean:
-	rm -rf build *.egg-info sadam/*.so .pytest_cache
+	rm -rf build *.egg-info sadam/*.so .pytest_cache mutants
+
+# Mutation testing (slow, hours on two cores; not part of `make test`): config in pyproject.toml
+# [tool.mutmut], module by module, then the score per module and the gate: every surviving mutant
+# must be listed as equivalent in docs/testing.md. MUTATION_MODULES=... runs a subset.
+MUTATION_MODULES ?= sadam.functional sadam.backends.reference sadam._validation sadam.loss_probe \
+	sadam.distributed sadam.pss_linalg sadam.pss_trigger sadam.pss sadam.optimizer
+MUTATION_CHILDREN ?= 2
+mutation: build
+	$(PIP) install -q "mutmut>=3.8,<4"
+	for module in $(MUTATION_MODULES); do \
+		OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children $(MUTATION_CHILDREN) "$$module.*" \
+			|| exit 1; \
+	done
+	$(PY) tests/mutation/score.py $(MUTATION_MODULES)
 
 pss-demo: build
 	$(PY) -m sadam.pss_demo

@@ -177,24 +177,92 @@ def run_unsupported_placement():
     return dict(error=None)
 
 
+# ------------------------------------------------------------------------------------- PSS
+PSS_SHAPES = {"uneven": ((7, 5), "shard"), "one_row_each": ((3, 4), "shard"),
+              "vector": ((5,), "shard"), "replicated": ((6, 6), "replicate")}
+PSS_GRAD_SCALES = (1.0, 1.0, 10.0)  # the third step's norm spikes
+
+
+def pss_tensors():
+    """The full weights and, per step, the full gradients (same on every rank)."""
+    g = torch.Generator().manual_seed(5)
+    weights = {n: torch.randn(shape, generator=g) for n, (shape, _) in PSS_SHAPES.items()}
+    weights["uneven"][:, 0] *= 8  # a dominant direction for the smoothing to act on
+    grads = [{n: scale * torch.randn(shape, generator=g) for n, (shape, _) in PSS_SHAPES.items()}
+             for scale in PSS_GRAD_SCALES]
+    return weights, grads
+
+
+def pss_run(params, grads_of_step, to_param_layout):
+    """Observe every step's gradients, then smooth on the spike; the trigger's numbers."""
+    pss = sadam.PSS(list(params.items()), warmup=0, max_rank=2, seed=3)
+    emas = []
+    for grads in grads_of_step:
+        for name, p in params.items():
+            p.grad = to_param_layout(grads[name], p)
+        pss.observe()
+        emas.append(float(pss._trigger.ema))
+    report = pss.step()
+    return pss, emas, report
+
+
+def run_pss_sharded(rank):
+    """PSS on Shard(0) DTensors over two ranks (uneven shards), and one replicated matrix."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    def placement(name):
+        return [Shard(0)] if PSS_SHAPES[name][1] == "shard" else [Replicate()]
+
+    weights, grads = pss_tensors()
+    params = {n: nn.Parameter(distribute_tensor(w.clone(), mesh, placement(n)))
+              for n, w in weights.items()}
+    _, emas, report = pss_run(params, grads,
+                              lambda g, p: distribute_tensor(g.clone(), mesh, p.placements))
+    return dict(emas=emas, fired=report is not None,
+                ks=[m.k for m in report.matrices] if report else [],
+                local={n: p.to_local().detach().clone() for n, p in params.items()},
+                full={n: p.full_tensor().detach().clone() for n, p in params.items()})
+
+
+def launch(out, scenarios, timeout_s=300):
+    """Run the scenarios on WORLD gloo ranks (subprocesses); their records, rank by rank.
+
+    The ranks import the same ``sadam`` as the calling process (its directory goes first on
+    their path), so they run exactly the code under test."""
+    from pathlib import Path
+
+    from _launch import launch_ranks
+    package_root = str(Path(sadam.__file__).resolve().parent.parent)
+    launch_ranks(__file__, out, WORLD, timeout_s, SADAM_WORKER_SCENARIOS=scenarios,
+                 PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    return torch.load(out / "results.pt", weights_only=False)
+
+
 def main(out):
     import torch.distributed as dist
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", init_method=f"file://{os.environ['STORE']}", rank=rank,
                             world_size=int(os.environ["WORLD_SIZE"]))
     results = {}
-    for config in CONFIGS:
-        results[f"ddp_{config}"] = run_ddp(rank, out, config)
-        ckpt = os.path.join(out, f"ckpt_{config}") if config == "tensor_lag1" else None
-        results[f"fsdp_{config}"] = run_fsdp(rank, out, config, checkpoint_dir=ckpt)
-    for config in ODD_CONFIGS:
-        results[f"fsdp_{config}"] = run_fsdp(rank, out, config)
-    results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
-    results["shard_dim_1"] = run_unsupported_placement()
-    for backend in sadam.available_backends("cpu"):
-        if backend != "torch":  # kernel rows: sharded offsets on every backend
-            results[f"fsdp_backend_{backend}"] = run_fsdp(rank, out, "tensor_lag1",
-                                                          backend=backend)
+    scenarios = os.environ.get("SADAM_WORKER_SCENARIOS", "optimizer,kernels")
+    if "optimizer" in scenarios:
+        for config in CONFIGS:
+            results[f"ddp_{config}"] = run_ddp(rank, out, config)
+            ckpt = os.path.join(out, f"ckpt_{config}") if config == "tensor_lag1" else None
+            results[f"fsdp_{config}"] = run_fsdp(rank, out, config, checkpoint_dir=ckpt)
+        for config in ODD_CONFIGS:
+            results[f"fsdp_{config}"] = run_fsdp(rank, out, config)
+        results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
+        results["shard_dim_1"] = run_unsupported_placement()
+    if "kernels" in scenarios:
+        for backend in sadam.available_backends("cpu"):
+            if backend != "torch":  # kernel rows: sharded offsets on every backend
+                results[f"fsdp_backend_{backend}"] = run_fsdp(rank, out, "tensor_lag1",
+                                                              backend=backend)
+    if "pss" in scenarios:
+        results["pss"] = run_pss_sharded(rank)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if rank == 0:

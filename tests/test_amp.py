@@ -5,20 +5,22 @@ import copy
 import pytest
 import torch
 
+import _backends
 import sadam
 from spec_tolerance import assert_params_close, assert_rho_close
 
-BACKENDS = sadam.available_backends("cpu")
+BACKENDS = _backends.params()
 
 
-def _model(dtype=torch.float32):
+def _model(dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(),
+                               torch.nn.Linear(6, 1)).to(device=device, dtype=dtype)
 
 
-def _data():
+def _data(device="cpu"):
     g = torch.Generator().manual_seed(3)
-    return torch.randn(32, 5, generator=g), torch.randn(32, 1, generator=g)
+    return torch.randn(32, 5, generator=g).to(device), torch.randn(32, 1, generator=g).to(device)
 
 
 def _snapshot(model, opt):
@@ -41,15 +43,16 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("probe_lag", [0, 1])
 def test_grad_scaler_fp16_autocast_equals_unscaled_steps(backend, probe_lag):
-    model, twin = _model(), _model()
+    device = _backends.device_of(backend)
+    model, twin = _model(device=device), _model(device=device)
     opt = sadam.SAdam(model.parameters(), lr=1e-2, probe_lag=probe_lag, backend=backend)
     twin_opt = sadam.SAdam(twin.parameters(), lr=1e-2, probe_lag=probe_lag, backend="torch")
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
-    x, y = _data()
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12, growth_interval=2)
+    x, y = _data(device)
     for _ in range(5):
         for m in (model, twin):
             m.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(device.type, dtype=torch.float16):
             loss = (model(x).float() - y).abs().mean()
             twin_loss = (twin(x).float() - y).abs().mean()
         scale = scaler.get_scale()
@@ -71,11 +74,12 @@ def test_grad_scaler_fp16_autocast_equals_unscaled_steps(backend, probe_lag):
 @pytest.mark.parametrize("config", [dict(probe_lag=1), dict(probe_lag=0, scope="tensor"),
                                     dict(amsgrad=True, probe_window=2)])
 def test_overflow_step_changes_nothing(backend, dtype, config):
-    model = _model(dtype)
+    device = _backends.device_of(backend)
+    model = _model(dtype, device)
     opt = sadam.SAdam(model.parameters(), lr=1e-2, backend=backend, **config)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 8)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    x, y = _data()
+    x, y = _data(device)
     x = x.to(dtype)
 
     def backward(poison):

@@ -5,22 +5,28 @@ import copy
 import pytest
 import torch
 
+import _backends
 import sadam
 from sadam import _layout as L
 from spec_tolerance import assert_params_close, assert_rho_close
 
-BACKENDS = sadam.available_backends("cpu")
+BACKENDS = _backends.params()
 
 
-def _params(dtypes=(torch.float32,) * 3):
+def _params(dtypes=(torch.float32,) * 3, device="cpu"):
     torch.manual_seed(0)
     shapes = [(4, 3), (5,), (2, 2, 2)]
-    return [torch.nn.Parameter(torch.randn(s).to(d)) for s, d in zip(shapes, dtypes)]
+    return [torch.nn.Parameter(torch.randn(s).to(device=device, dtype=d))
+            for s, d in zip(shapes, dtypes)]
 
 
 def _grads(params, seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    return [torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype) for p in params]
+
+
+def _cpu(tensors):
+    return [t.detach().cpu() for t in tensors]
 
 
 def _run(opt, params, steps, first_seed=0):
@@ -57,7 +63,7 @@ def _statistics_columns(width, probes=8):
 def test_nonfinite_grad_in_one_tensor_scope_tensor(backend, bad):
     """Like AdamW the poisoned tensor goes non-finite; its probe row keeps its statistics and the
     other tensors step exactly as if the bad value had never been there."""
-    params, twin = _params(), _params()
+    params, twin = _params(device=_backends.device_of(backend)), _params()
     opt = sadam.SAdam(params, lr=1e-2, scope="tensor", backend=backend)
     twin_opt = sadam.SAdam(twin, lr=1e-2, scope="tensor", backend="torch")
     _run(opt, params, 3)
@@ -65,11 +71,12 @@ def test_nonfinite_grad_in_one_tensor_scope_tensor(backend, bad):
     stats_before = opt.state[params[0]]["probe_stats"].clone()
     grads = _grads(params, 99)
     for p, q, g in zip(params, twin, grads):
-        p.grad, q.grad = g.clone(), g.clone()
+        p.grad, q.grad = g.clone(), g.cpu()
     params[1].grad[2] = bad
     opt.step()
     twin_opt.step()
-    stats = opt.state[params[0]]["probe_stats"]
+    stats = opt.state[params[0]]["probe_stats"].cpu()
+    stats_before = stats_before.cpu()
     assert not torch.isfinite(params[1]).all()  # as torch.optim.AdamW
     # the bad row was not folded in (only the applied-rho columns record this step)
     kept = _statistics_columns(stats.shape[1])
@@ -77,8 +84,8 @@ def test_nonfinite_grad_in_one_tensor_scope_tensor(backend, bad):
     assert stats[1, L.rho_applied_col(8)] == stats_before[1, L.rho_col(8)]
     twin_stats = twin_opt.state[twin[0]]["probe_stats"]
     for i in (0, 2):
-        assert_params_close(params[i], twin[i])
-        assert_rho_close(opt.lgi()[0][i], twin_opt.lgi()[0][i])
+        assert_params_close(params[i].cpu(), twin[i])
+        assert_rho_close(opt.lgi()[0][i].cpu(), twin_opt.lgi()[0][i])
         assert_params_close(stats[i], twin_stats[i])
     assert torch.isfinite(stats).all()
 
@@ -86,7 +93,7 @@ def test_nonfinite_grad_in_one_tensor_scope_tensor(backend, bad):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("probe_lag", [0, 1])
 def test_nonfinite_grad_scope_group_keeps_the_damping(backend, probe_lag):
-    params = _params()
+    params = _params(device=_backends.device_of(backend))
     opt = sadam.SAdam(params, lr=1e-2, damping=2.0, probe_lag=probe_lag, backend=backend)
     _run(opt, params, 4)
     stats_before = opt.state[params[0]]["probe_stats"].clone()
@@ -106,7 +113,7 @@ def test_nonfinite_grad_scope_group_keeps_the_damping(backend, probe_lag):
 # ------------------------------------------------------------------------ missing / new grads
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_params_without_grad_are_untouched_and_get_no_moments(backend):
-    params = _params()
+    params = _params(device=_backends.device_of(backend))
     ref = [p.detach().clone().requires_grad_() for p in params]
     opt = sadam.SAdam(params, lr=1e-2, damping=0.0, backend=backend)
     adamw = torch.optim.AdamW([ref[0], ref[2]], lr=1e-2)
@@ -126,7 +133,8 @@ def test_params_without_grad_are_untouched_and_get_no_moments(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grads_reallocated_between_steps_equal_grads_reused(backend):
     """Backends must not cache gradient addresses across steps."""
-    a, b = _params(), _params()
+    device = _backends.device_of(backend)
+    a, b = _params(device=device), _params(device=device)
     opt_a = sadam.SAdam(a, lr=1e-2, backend=backend)
     opt_b = sadam.SAdam(b, lr=1e-2, backend=backend)
     for p in b:
@@ -211,7 +219,7 @@ def test_module_moved_to_cuda_needs_the_state_moved_too():
 def test_mixed_dtypes_in_one_group_step_in_fp32_and_round_once(backend):
     """One step with damping=0 is AdamW in fp32 on upcast copies, rounded to each dtype."""
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    params = _params(dtypes)
+    params = _params(dtypes, device=_backends.device_of(backend))
     opt = sadam.SAdam(params, lr=1e-2, damping=0.0, backend=backend)
     ref = [p.detach().float().requires_grad_() for p in params]
     adamw = torch.optim.AdamW(ref, lr=1e-2)
@@ -247,6 +255,11 @@ BAD_STATE_DICTS = {
     "extra parameter state": (lambda sd: sd["state"].__setitem__(7, {}), "no param group lists"),
     "moment of another shape": (
         lambda sd: sd["state"][0].__setitem__("exp_avg", torch.zeros(3, 4)), "shape"),
+    "exp_avg_sq of another shape": (
+        lambda sd: sd["state"][1].__setitem__("exp_avg_sq", torch.zeros(4)), "exp_avg_sq"),
+    "max_exp_avg_sq of another shape": (
+        lambda sd: sd["state"][2].__setitem__("max_exp_avg_sq", torch.zeros(8)),
+        "max_exp_avg_sq"),
     "moment missing": (lambda sd: sd["state"][1].pop("exp_avg_sq"), "lacks"),
     "param group missing": (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])),
                             "param groups"),
@@ -290,20 +303,18 @@ def test_state_dict_of_another_backend_keeps_this_optimizers_backend():
     _run(opt, params, 1)
 
 
-@pytest.mark.parametrize("backend", [b for b in ("triton", "cpu", "cuda")])
+@pytest.mark.parametrize("backend", _backends.kernel_params())
 def test_checkpoint_of_the_reference_resumes_on_another_backend(backend):
-    if backend not in BACKENDS:
-        pytest.skip(f"backend {backend!r} is not available here")
     params, opt = _trained()
     sd = copy.deepcopy(opt.state_dict())
-    twin = [p.detach().clone().requires_grad_() for p in params]
+    twin = [p.detach().to(_backends.device_of(backend)).requires_grad_() for p in params]
     other = sadam.SAdam(twin, lr=1e-2, scope="tensor", backend=backend)
     other.load_state_dict(sd)
     _run(opt, params, 3, first_seed=10)
     _run(other, twin, 3, first_seed=10)
     for p, q in zip(params, twin):
-        assert_params_close(q, p)
-    assert_rho_close(other.lgi()[0], opt.lgi()[0])
+        assert_params_close(q.cpu(), p)
+    assert_rho_close(other.lgi()[0].cpu(), opt.lgi()[0])
 
 
 # --------------------------------------------------------------------- bad inputs at step time

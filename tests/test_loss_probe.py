@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import _backends
 import sadam
 from sadam import SAdam, probe_signs
 from sadam import _layout as L
@@ -159,15 +160,17 @@ def test_parameters_restored_bit_exactly(dtype, estimator, backend):
     assert rho > 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", _backends.params())
 @pytest.mark.parametrize("estimator", ["symmetric", "directions"])
 def test_probing_does_not_change_the_update(estimator, backend):
     """With damping=0 the loss probe runs but the trajectory is AdamW's on the same closures."""
+    device = _backends.device_of(backend)
     torch.manual_seed(4)
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     twin = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     twin.load_state_dict(net.state_dict())
-    x, y = torch.randn(16, 5), torch.randn(16, 1)
+    net, twin = net.to(device), twin.to(device)
+    x, y = torch.randn(16, 5).to(device), torch.randn(16, 1).to(device)
     opt = SAdam(net.parameters(), lr=1e-2, damping=0.0, probe="loss", backend=backend,
                 probe_estimator=estimator)
     ref = torch.optim.AdamW(twin.parameters(), lr=1e-2)
@@ -411,3 +414,90 @@ def test_loss_probe_signs_are_the_spec_hash_with_the_group_in_the_seed():
         spec_seed = seed ^ ((0x27D4EB2F * group) & 0xFFFFFFFF)
         assert torch.equal(ours.float(), probe_signs(999, 32, tensor_id=3, epoch=9,
                                                      seed=spec_seed))
+
+
+def _loss_setup(backend, **kwargs):
+    device = _backends.device_of(backend)
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1))
+    model = model.to(device)
+    x, y = torch.randn(12, 4).to(device), torch.randn(12, 1).to(device)
+    opt = SAdam(model.parameters(), lr=1e-2, damping=2.0, probe="loss", probes=3,
+                backend=backend, **kwargs)
+    return model, opt, x, y
+
+
+@pytest.mark.parametrize("backend", _backends.params())
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_overflow_step_with_loss_probe_changes_nothing(backend, estimator):
+    """A GradScaler step with found_inf set neither probes nor counts: params, moments, step,
+    the probe statistics (rho EMA, probing count, step count) and lgi() are left as they were,
+    and the next probing happens on the schedule of the steps really taken."""
+    model, opt, x, y = _loss_setup(backend, probe_every=2, probe_estimator=estimator)
+    device = _backends.device_of(backend)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 8)
+    calls = []
+
+    def closure(backward=True):
+        """GradScaler checks the gradients before the step: the scaled backward runs before
+        scaler.step, and the closure only evaluates the loss (for f0 and the probes)."""
+        calls.append(backward)
+        return (model(x) - y).abs().mean()
+
+    def backward(poison):
+        opt.zero_grad()
+        scaler.scale((model(x) - y).abs().mean()).backward()
+        if poison:
+            model[0].weight.grad[0, 0] = float("inf")
+
+    def step(poison):
+        backward(poison)
+        scaler.step(opt, closure)
+        scaler.update()
+
+    for _ in range(3):
+        step(poison=False)
+    snapshot = {k: [t.clone() for t in v.values() if isinstance(t, torch.Tensor)]
+                for k, v in opt.state.items()}
+    params = [p.detach().clone() for p in model.parameters()]
+    lgi, gamma = opt.lgi()[0].clone(), opt.damping_factors()[0].clone()
+    calls.clear()
+    step(poison=True)
+    assert calls == [True]  # no probe evaluation on a skipped step
+    assert scaler.get_scale() == 2.0 ** 7
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    for key, saved in snapshot.items():
+        now = [t for t in opt.state[key].values() if isinstance(t, torch.Tensor)]
+        assert all(torch.equal(a, b) for a, b in zip(now, saved))
+    assert torch.equal(opt.lgi()[0], lgi) and torch.equal(opt.damping_factors()[0], gamma)
+    calls.clear()
+    step(poison=False)  # the 4th step taken: probe_every=2 does not probe
+    assert calls == [True]
+    calls.clear()
+    step(poison=False)  # the 5th: probes
+    assert calls.count(False) > 0
+
+
+@pytest.mark.parametrize("backend", _backends.params())
+def test_loss_probe_rho_ema_is_bias_corrected_and_damps_the_step(backend):
+    """rho after probings 1 and 2 is the bias-corrected EMA of the raw estimates (closed form
+    from two raw values the estimator gives on f = w . |x|: at the kink x = 0 every probe sees
+    a pure variance, rho_raw = 1; at x = 0.5 f is linear, rho_raw = 0), and the step applies
+    gamma = exp(-damping * rho)."""
+    device = _backends.device_of(backend)
+    x = torch.nn.Parameter(torch.zeros(8, device=device))
+    w = torch.rand(8, generator=torch.Generator().manual_seed(9)).to(device) + 0.5
+    beta = 0.6
+    opt = SAdam([x], lr=1e-2, weight_decay=0.0, damping=2.0, probe="loss", probes=2,
+                probe_beta=beta, backend=backend)
+    closure = _closure_for(x, lambda p: (w * p.abs()).sum())
+    opt.step(closure)
+    stats = opt.state[x]["probe_stats"]
+    # the EMA without correction would be (1 - beta) = 0.4 after one probing
+    assert float(stats[0, L.rho_col(2)]) == pytest.approx(1.0, abs=1e-6)
+    assert float(opt.damping_factors()[0]) == pytest.approx(math.exp(-2.0), rel=1e-6)
+    assert torch.equal(x.detach(), torch.zeros_like(x))  # |x| has gradient 0 at 0: no move
+    x.data.fill_(0.5)
+    opt.step(closure)  # smooth now: rho_raw = 0, EMA (beta * 0.4 + 0) / (1 - beta^2)
+    assert float(stats[0, L.rho_col(2)]) == pytest.approx(beta * (1 - beta) / (1 - beta ** 2),
+                                                         abs=1e-6)

@@ -11,11 +11,10 @@ from sadam import SAdam
 from sadam import _layout as L
 from sadam import _ops
 from sadam.backends import native, reference
-from sadam.functional import sadam as functional_sadam
 
 from _native_cases import (assert_d_close, assert_rel, assert_stats_close, assert_within_ulp,
                            clone, copy_grads, make_group, new_grads, require, row_abs_sums,
-                           step_of)
+                           run_functional, step_of)
 
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
 
@@ -26,20 +25,6 @@ SHAPES = [(37,), (0,), (129, 7), (40_000,), (1,)]
 @pytest.fixture
 def cpu_kernels():
     require("cpu")
-
-
-def run_functional(group, backend, lag, probe="gradient"):
-    functional_sadam(group["params"], group["grads"], group["exp_avgs"], group["exp_avg_sqs"],
-                     group["max_exp_avg_sqs"], group["steps"], group["stats"],
-                     scope_rows=group["scope_rows"], tensor_ids=group["tensor_ids"],
-                     offsets=group["offsets"], lr=group["lr"], beta1=group["beta1"],
-                     beta2=group["beta2"], eps=group["eps"], weight_decay=group["weight_decay"],
-                     damping=group["damping"], amsgrad=group["amsgrad"],
-                     maximize=group["maximize"], probe=probe, probes=group["probes"],
-                     probe_beta=group["probe_beta"], probe_lag=lag,
-                     probe_window=group["window"] or None, seed=group["seed"],
-                     grad_scale=group.get("grad_scale"), found_inf=group.get("found_inf"),
-                     backend=backend)
 
 
 def assert_groups_match(ours, ref):

@@ -5,6 +5,7 @@ import io
 import pytest
 import torch
 
+import _backends
 from sadam import SAdam
 
 MODES = {
@@ -16,16 +17,18 @@ MODES = {
 }
 
 
-def _model(seed=0):
+def _model(seed=0, device="cpu"):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                               torch.nn.Linear(10, 2))
+                               torch.nn.Linear(10, 2)).to(device)
 
 
 def _train(model, opt, steps, start):
     for t in range(start, start + steps):
         gen = torch.Generator().manual_seed(t)
         x, y = torch.randn(12, 6, generator=gen), torch.randint(0, 2, (12,), generator=gen)
+        device = next(model.parameters()).device
+        x, y = x.to(device), y.to(device)
 
         def closure(backward=True):
             if not backward:
@@ -46,22 +49,25 @@ def _through_bytes(obj):
     return torch.load(buffer, weights_only=False)
 
 
+@pytest.mark.parametrize("backend", _backends.params())
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
-def test_resume_is_bit_identical(mode):
-    straight = _model()
-    opt = SAdam(straight.parameters(), lr=1e-2, backend="torch", **mode)
-    _train(straight, opt, 100, 0)
+def test_resume_is_bit_identical(mode, backend):
+    device = _backends.device_of(backend)
+    steps = 50 if backend == "torch" else 12  # the kernels: a shorter run, one window redraw
+    straight = _model(device=device)
+    opt = SAdam(straight.parameters(), lr=1e-2, backend=backend, **mode)
+    _train(straight, opt, 2 * steps, 0)
 
-    first = _model()
-    opt1 = SAdam(first.parameters(), lr=1e-2, backend="torch", **mode)
-    _train(first, opt1, 50, 0)
+    first = _model(device=device)
+    opt1 = SAdam(first.parameters(), lr=1e-2, backend=backend, **mode)
+    _train(first, opt1, steps, 0)
     saved = _through_bytes({"model": first.state_dict(), "optim": opt1.state_dict()})
 
-    resumed = _model(seed=123)  # different init: everything must come from the checkpoint
+    resumed = _model(seed=123, device=device)  # everything must come from the checkpoint
     resumed.load_state_dict(saved["model"])
-    opt2 = SAdam(resumed.parameters(), lr=1e-2, backend="torch", **mode)
+    opt2 = SAdam(resumed.parameters(), lr=1e-2, backend=backend, **mode)
     opt2.load_state_dict(saved["optim"])
-    _train(resumed, opt2, 50, 50)
+    _train(resumed, opt2, steps, steps)
 
     for p, q in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(p, q)

@@ -99,23 +99,25 @@ def assert_matches(actual: Group, expected: Group):
                 torch.testing.assert_close(a, e, rtol=REL_TOL, atol=1e-7, msg=f"{name}[{i}]")
     for a, e in zip(actual.steps, expected.steps):
         assert a.item() == e.item()
-    k = actual.probes
+    assert_stats_match(actual.stats, expected.stats, actual.probes)
+
+
+def assert_stats_match(actual, expected, k):
     for col in (L.rho_col(k), L.rho_applied_col(k)):
-        torch.testing.assert_close(actual.stats[:, col], expected.stats[:, col], rtol=0,
-                                   atol=RHO_TOL)
-    torch.testing.assert_close(actual.stats[:, L.gamma_applied_col(k)],
-                               expected.stats[:, L.gamma_applied_col(k)], rtol=0, atol=3 * RHO_TOL)
+        torch.testing.assert_close(actual[:, col], expected[:, col], rtol=0, atol=RHO_TOL)
+    torch.testing.assert_close(actual[:, L.gamma_applied_col(k)],
+                               expected[:, L.gamma_applied_col(k)], rtol=0, atol=3 * RHO_TOL)
     for col in (L.count_col(k), L.epoch_col(k)):
-        assert torch.equal(actual.stats[:, col], expected.stats[:, col])
-    assert_true_moments_close(actual.stats, expected.stats, k)
+        assert torch.equal(actual[:, col], expected[:, col])
+    assert_true_moments_close(actual, expected, k)
 
 
 def assert_true_moments_close(stats, stats_ref, k):
-    """a * 2**E and b * 2**(2E) within 1e-4 of the largest of their row (the stored a, b are
-    scaled by a power of two that d's rounding may move)."""
+    """a * 2**E and b * 2**(2E) within 1e-5 of the largest of their row, as in the native kernels'
+    tests (the stored a, b are scaled by a power of two that d's rounding may move)."""
     for kept, ref in zip(L.unscaled(stats, k), L.unscaled(stats_ref, k)):
         scale = ref.abs().amax(dim=1, keepdim=True).clamp_min(1e-300)
-        assert ((kept - ref).abs() <= 1e-4 * scale).all(), (kept, ref)
+        assert ((kept - ref).abs() <= 1e-5 * scale).all(), (kept, ref)
 
 
 def run_both(group: Group, steps: int, grad_seed=0, lockstep=False, **hyper):
@@ -339,7 +341,7 @@ def test_non_finite_gradient_keeps_its_row():
             grads[0][5] = float("nan")
         group.step(grads, "triton")
         expected.step(grads, "torch")
-    torch.testing.assert_close(group.stats, expected.stats, rtol=1e-4, atol=1e-3, equal_nan=True)
+    assert_stats_match(group.stats, expected.stats, group.probes)
     assert torch.isfinite(group.stats).all()
 
 

@@ -1,0 +1,64 @@
+"""Per-module mutation score of the last ``mutmut run`` (run from the repository root).
+
+Prints killed / total per module and every mutant that was not killed, then fails (exit 1) if a
+surviving mutant is not listed as equivalent in docs/testing.md (a line that starts with
+``- `<mutant name>` ``). A timeout counts as killed (the mutant made the tests hang: caught).
+"""
+import re
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+DOC = Path("docs/testing.md")
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+
+
+def mutant_results():
+    out = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"],
+                         capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        name, sep, status = line.strip().rpartition(": ")
+        if sep and "__mutmut_" in name:
+            yield name, status
+
+
+def module_of(mutant: str) -> str:
+    """sadam.backends.reference.x_update__mutmut_3 -> sadam.backends.reference"""
+    return mutant.split(".x")[0] if ".x" in mutant else mutant.rsplit(".", 1)[0]
+
+
+def main(argv):
+    listed = set(re.findall(r"^- `([^`]+__mutmut_\d+)`", DOC.read_text(), re.M)) \
+        if DOC.exists() else set()
+    modules = defaultdict(lambda: [0, 0])
+    unexplained, equivalent, not_run = [], [], []
+    for name, status in mutant_results():
+        module = module_of(name)
+        if argv and not any(module == m or module.startswith(m + ".") for m in argv):
+            continue
+        modules[module][1] += 1
+        if status in KILLED:
+            modules[module][0] += 1
+        elif status == "not checked":
+            not_run.append(name)
+        elif name in listed:
+            equivalent.append((name, status))
+        else:
+            unexplained.append((name, status))
+    print("| module | killed / total | equivalent (docs/testing.md) | not killed, unexplained |")
+    print("| --- | --- | --- | --- |")
+    for module in sorted(modules):
+        killed, total = modules[module]
+        eq = sum(1 for n, _ in equivalent if module_of(n) == module)
+        bad = sum(1 for n, _ in unexplained if module_of(n) == module)
+        print(f"| {module} | {killed} / {total} | {eq} | {bad} |")
+    for name, status in unexplained:
+        print(f"NOT EXPLAINED {status}: {name}   (python -m mutmut show {name})")
+    if not_run:
+        print(f"{len(not_run)} mutants not checked yet (run `make mutation` to the end)")
+    return 1 if unexplained or not_run else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
