@@ -5,8 +5,6 @@ kernel of ``csrc/cuda_kernels.cu`` in it is analysed by :mod:`.sass`. Kernel var
 apart by their demangled template arguments: ``StepFunctor<P, S, bucket, update, amsgrad>``
 (parameter type, moment type, probe accumulators, update or probe pass alone, amsgrad).
 """
-import contextlib
-import functools
 import glob
 import os
 import re
@@ -14,8 +12,8 @@ import shutil
 import subprocess
 import tempfile
 
-from . import KEYS, sass
-from .sass import analyze, element_loop, find_tool
+from . import KEYS
+from .sass import analyze, element_loop, find_tool, innermost
 
 ARCH = "sm_90"
 _TYPES = {"float": ("fp32", 4), "c10::BFloat16": ("bf16", 2), "c10::Half": ("fp16", 2)}
@@ -81,32 +79,8 @@ def describe(demangled: str):
     return None
 
 
-def innermost(loops):
-    """Loops that contain no other loop: the chunk loop of the persistent grid holds the element
-    loops, and would otherwise count their traffic as its own."""
-    return [lp for lp in loops
-            if not any(o is not lp and lp.start <= o.start and o.end <= lp.end
-                       and (o.start, o.end) != (lp.start, lp.end) for o in loops)]
-
-
-@contextlib.contextmanager
-def _disassemble_once_per_file():
-    """sass.analyze disassembles and parses the whole cubin for each kernel it is asked about;
-    the extension's cubin holds ~70 kernels, so keep the tools' output and its parse per file
-    while reporting (the text is the cache key of the parse)."""
-    names = ("_run", "_parse_sass", "_parse_resources")
-    originals = {name: getattr(sass, name) for name in names}
-    for name, fn in originals.items():
-        setattr(sass, name, functools.lru_cache(maxsize=None)(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(sass, name, fn)
-
-
 def records():
-    with tempfile.TemporaryDirectory() as workdir, _disassemble_once_per_file():
+    with tempfile.TemporaryDirectory() as workdir:
         out = []
         for cubin in extract_cubins(extension_path(), workdir):
             names = kernel_names(cubin)

@@ -22,6 +22,7 @@ API::
     stats.registers, stats.spills, stats.shared_bytes
     stats.loop.barriers, stats.loop.access_bits, stats.loop.per_element(16)
 """
+import functools
 import os
 import re
 import shutil
@@ -215,18 +216,36 @@ def element_loop(loops: List[Loop]) -> Optional[Loop]:
                                        lp.access_bits, -lp.count))
 
 
+def innermost(loops: List[Loop]) -> List[Loop]:
+    """Loops that contain no other loop (a persistent grid's chunk loop holds the element loops,
+    and would otherwise count their traffic as its own)."""
+    return [lp for lp in loops
+            if not any(o is not lp and lp.start <= o.start and o.end <= lp.end
+                       and (o.start, o.end) != (lp.start, lp.end) for o in loops)]
+
+
+@functools.lru_cache(maxsize=8)
+def _disassembly(data: bytes):
+    """Every function's SASS and resources of one cubin, parsed once: a cubin with many kernels
+    is asked about each of them in turn."""
+    sass = _with_file(data, lambda path: _run("cuobjdump", "-sass", path))
+    resources = _with_file(data, lambda path: _run("cuobjdump", "-res-usage", path))
+    return _parse_sass(sass), _parse_resources(resources)
+
+
 def analyze(cubin: Union[bytes, str], kernel: str, dynamic_shared_bytes: int = 0) -> KernelStats:
     """Resources and the steady-state loop of ``kernel`` (a substring of the mangled name is
     enough) in ``cubin`` (bytes or a file path)."""
-    sass = _with_file(cubin, lambda path: _run("cuobjdump", "-sass", path))
-    resources = _with_file(cubin, lambda path: _run("cuobjdump", "-res-usage", path))
-    functions = _parse_sass(sass)
+    if not isinstance(cubin, (bytes, bytearray)):
+        with open(cubin, "rb") as f:
+            cubin = f.read()
+    functions, all_resources = _disassembly(bytes(cubin))
     names = [n for n in functions if kernel in n]
     if not names:
         raise KeyError(f"{kernel} not in cubin (functions: {sorted(functions)})")
     name = min(names, key=len)
     instructions = functions[name]
-    res = _parse_resources(resources).get(name, {})
+    res = all_resources.get(name, {})
     loops = loops_of(instructions)
     return KernelStats(
         name=name, registers=res.get("REG", 0),
