@@ -129,9 +129,10 @@ class SAdam(Optimizer):
         return len(declared if declared is not None else group["params"])
 
     def _stats_anchor(self, group):
+        """The tensor whose state holds the group's statistics (None for an empty group)."""
         declared = self._zero_declared(group)
         if declared is None:
-            return group["params"][0]
+            return group["params"][0] if group["params"] else None
         return zero.stats_anchor(group["params"], declared)
 
     def _group_stats(self, group) -> torch.Tensor:
@@ -346,12 +347,10 @@ class SAdam(Optimizer):
         out = []
         for group in self.param_groups:
             k = group["probes"]
-            params = group["params"]
-            stats = None
-            if params:
-                stats = self.state.get(self._stats_anchor(group), {}).get("probe_stats")
+            anchor = self._stats_anchor(group)
+            stats = None if anchor is None else self.state.get(anchor, {}).get("probe_stats")
             if stats is None:  # no step yet (or an empty group): the values of fresh statistics
-                device = self._stats_anchor(group).device if params else "cpu"
+                device = "cpu" if anchor is None else anchor.device
                 stats = L.new_stats(self._num_scopes(group), k, device)
             values = stats[:, column_of(k)].clone()
             out.append(values[0] if group["scope"] == "group" else values)
