@@ -117,7 +117,10 @@ class SAdam(Optimizer):
     def _zero_declared(self, group, declared_as=None):
         """The parameters a group (or the group ``declared_as``) was declared with, if DeepSpeed
         ZeRO replaced them by its flat partitions (see :mod:`sadam.distributed.zero`); else
-        None."""
+        None. A compiled step is never a ZeRO one (DeepSpeed runs the client optimizer eagerly),
+        and dynamo before torch 2.14 cannot trace ``id()`` of a dict."""
+        if torch.compiler.is_compiling():
+            return None
         declared = self._declared_params.get(id(declared_as or group), [])
         return declared if zero.is_zero_managed(group["params"], declared) else None
 
