@@ -4,21 +4,8 @@ import copy
 import pytest
 import torch
 
+from _unchanged import assert_unchanged, snapshot
 from sadam import BackendUnavailable, SAdam
-
-
-def _snapshot(opt, params):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(opt, params, snap):
-    before, sd = snap
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
-    now = opt.state_dict()
-    assert now["state"].keys() == sd["state"].keys()
-    for k in sd["state"]:
-        for key, v in sd["state"][k].items():
-            assert torch.equal(now["state"][k][key], v)
 
 
 INVALID = [
@@ -71,10 +58,10 @@ def test_sparse_gradient_is_rejected_before_anything_changes():
     dense.grad = torch.ones(4)
     emb(torch.tensor([1, 2])).sum().backward()
     params = [dense, emb.weight]
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 def test_nan_gradient_behaves_like_adamw_and_spares_the_damping():
@@ -106,12 +93,12 @@ def test_found_inf_changes_nothing_at_all():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     for p in params:
         p.grad = torch.randn_like(p) * 1e4
     opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.tensor(1.0)
     opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 def test_grad_scale_divides_the_gradient():
@@ -142,10 +129,10 @@ def test_state_dict_of_another_layout_is_rejected_and_nothing_changes():
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict(sd)
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
     fewer = SAdam([params[0]], backend="torch")
     with pytest.raises(ValueError, match="parameters"):
@@ -209,10 +196,10 @@ def test_non_finite_damping_or_probe_delta_in_a_state_dict_is_refused(name):
     opt.step()
     sd = copy.deepcopy(opt.state_dict())
     sd["param_groups"][0][name] = float("inf")
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         opt.load_state_dict(sd)
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
     assert opt.param_groups[0][name] != float("inf")
 
 

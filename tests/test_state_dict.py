@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import _backends
+from _unchanged import assert_unchanged, snapshot
 from sadam import SAdam
 
 MODES = {
@@ -115,20 +116,6 @@ def _stepped(backend="torch", steps=3, **kw):
     return params, opt
 
 
-def _snapshot(opt, params):
-    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
-
-
-def _assert_unchanged(opt, params, snap):
-    before, sd = snap
-    assert all(torch.equal(p, b) for p, b in zip(params, before))
-    now = opt.state_dict()
-    assert now["param_groups"] == sd["param_groups"]
-    for k in sd["state"]:
-        for key, v in sd["state"][k].items():
-            assert v.dtype == now["state"][k][key].dtype and torch.equal(now["state"][k][key], v)
-
-
 def _set(index, key, value):
     return lambda sd: sd["state"][index].__setitem__(key, value)
 
@@ -181,10 +168,10 @@ def test_broken_state_is_refused_naming_the_key_before_anything_changes(case):
     params, opt = _stepped(amsgrad=True)
     sd = copy.deepcopy(opt.state_dict())
     mutate(sd)
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(sd)
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 CONVERTED_STEPS = {"float": 3.0, "int": 3, "int64 tensor": torch.tensor(3),
