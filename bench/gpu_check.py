@@ -41,7 +41,8 @@ import xml.etree.ElementTree as ET
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # sadam from this checkout; shared cases
 
-from _capture_case import max_rel_error, small_model  # noqa: E402  (needs the path above)
+from _capture_case import (max_rel_error, small_model,  # noqa: E402  (needs the path above)
+                           step_twice_second_without_sync)
 RESULTS = os.path.join(ROOT, "bench", "results")
 TOTAL_BUDGET_S = 470  # the whole run stays under 8 minutes on one H200
 GPU_BACKENDS = ("triton", "cuda")
@@ -158,26 +159,14 @@ def _junit_summary(path):
 def stage_sync(budget):
     """A step of each GPU backend and probe lag with the sync debug mode set to 'error'."""
     import torch
-    from sadam import SAdam
     out = {}
     for backend in GPU_BACKENDS:
         for lag in (1, 0):
             for lr_kind in ("float", "tensor"):
                 key = f"{backend}-lag{lag}-lr_{lr_kind}"
-                model = small_model()
                 lr = 1e-3 if lr_kind == "float" else torch.tensor(1e-3, device="cuda")
                 try:
-                    opt = SAdam(model.parameters(), lr=lr, backend=backend, probe_lag=lag)
-                    x = torch.randn(64, 128, device="cuda")
-                    model(x).square().mean().backward()
-                    opt.step()  # the first step creates the state
-                    torch.cuda.synchronize()
-                    torch.cuda.set_sync_debug_mode("error")
-                    try:
-                        opt.step()
-                    finally:
-                        torch.cuda.set_sync_debug_mode("default")
-                    torch.cuda.synchronize()
+                    step_twice_second_without_sync(backend, lag, lr)
                     out[key] = "ok"
                 except StageTimeout:
                     raise

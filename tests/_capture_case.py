@@ -69,3 +69,20 @@ def capture_against_eager(backend, warmup=3, replays=5, **options):
                       for p, q in zip(model.parameters(), twin.parameters()))
     return {"max_rel_error": error, "steps_agree": steps_agree,
             "lgi": float(opt.lgi()[0]), "lgi_eager": float(twin_opt.lgi()[0])}
+
+
+def step_twice_second_without_sync(backend, lag, lr):
+    """One step that creates the state, then one under sync debug mode "error": a step that reads
+    a device value back to the host raises there."""
+    from sadam import SAdam
+    model = small_model()
+    opt = SAdam(model.parameters(), lr=lr, backend=backend, probe_lag=lag)
+    model(torch.randn(32, 128, device="cuda")).square().mean().backward()
+    opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

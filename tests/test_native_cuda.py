@@ -6,9 +6,8 @@ the stages of each probe lag is the library's own, not a copy of it here.
 import pytest
 import torch
 
-from sadam import SAdam
 
-from _capture_case import capture_against_eager, small_model
+from _capture_case import capture_against_eager, step_twice_second_without_sync
 from _native_cases import (assert_d_close, assert_groups_match, assert_rel, clone, copy_grads,
                            make_group, new_grads, require, resync, row_abs_sums, run_functional,
                            step_of)
@@ -109,18 +108,8 @@ def test_found_inf_changes_nothing():
 @pytest.mark.parametrize("lr", ["float", "tensor"])
 def test_step_never_syncs(lag, lr):
     """After the first step (state creation), step() runs under sync debug mode 'error'."""
-    model = small_model()
     rate = 1e-3 if lr == "float" else torch.tensor(1e-3, device="cuda")
-    opt = SAdam(model.parameters(), lr=rate, backend="cuda", probe_lag=lag)
-    model(torch.randn(32, 128, device="cuda")).square().mean().backward()
-    opt.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    step_twice_second_without_sync("cuda", lag, rate)
 
 
 @pytest.mark.parametrize("lag", [0, 1])
