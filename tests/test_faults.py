@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import _backends
+from _unchanged import assert_unchanged, snapshot
 import sadam
 from sadam import _layout as L
 from spec_tolerance import assert_params_close, assert_rho_close
@@ -34,21 +35,6 @@ def _run(opt, params, steps, first_seed=0):
         for p, g in zip(params, _grads(params, first_seed + s)):
             p.grad = g
         opt.step()
-
-
-def _snapshot(opt, params):
-    return copy.deepcopy(([p.detach().clone() for p in params], opt.state_dict()))
-
-
-def _assert_unchanged(opt, params, snap):
-    old_params, old_sd = snap
-    assert all(torch.equal(a, b) for a, b in zip(params, old_params))
-    sd = opt.state_dict()
-    assert sd["param_groups"] == old_sd["param_groups"]
-    assert sd["state"].keys() == old_sd["state"].keys()
-    for key, values in old_sd["state"].items():
-        for name, value in values.items():
-            assert torch.equal(sd["state"][key][name], value), (key, name)
 
 
 # ----------------------------------------------------------------------------- non-finite grads
@@ -158,10 +144,10 @@ def test_module_converted_to_unsupported_dtype_is_rejected_unchanged():
     opt.step()
     model.double()
     model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
-    snap = _snapshot(opt, list(model.parameters()))
+    snap = snapshot(opt, list(model.parameters()))
     with pytest.raises(ValueError, match="dtype"):
         opt.step()
-    _assert_unchanged(opt, list(model.parameters()), snap)
+    assert_unchanged(opt, list(model.parameters()), snap)
 
 
 def test_module_converted_to_bf16_keeps_fp32_moments():
@@ -281,10 +267,10 @@ BAD_STATE_DICTS = {
 def test_bad_state_dict_is_rejected_and_nothing_changes(case):
     mutate, message = BAD_STATE_DICTS[case]
     params, opt, sd = _corrupt(mutate)
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     with pytest.raises(ValueError, match=message):
         opt.load_state_dict(sd)
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 def test_state_dict_missing_a_parameter_state_starts_it_fresh():
@@ -322,11 +308,11 @@ def test_sparse_gradient_is_rejected_before_any_change():
     params, opt = _trained()
     for p in params:
         p.grad = torch.ones_like(p)
-    snap = _snapshot(opt, params)
+    snap = snapshot(opt, params)
     params[2].grad = torch.ones_like(params[2]).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
-    _assert_unchanged(opt, params, snap)
+    assert_unchanged(opt, params, snap)
 
 
 def test_tensor_hyperparameters_on_the_params_device_work_like_floats():
