@@ -2,17 +2,24 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def launch_ranks(worker, out, world, timeout_s, **env_extra):
     """Run ``python worker out`` as ranks 0..world-1 (RANK, WORLD_SIZE, LOCAL_RANK, STORE set)
     and fail with the log's tail of any rank that does not exit cleanly in time. Each rank
     writes its output to ``out/rank<r>.log``: a pipe read after another rank's could fill up
-    and stall the rank writing to it, and with it every rank waiting in a collective."""
+    and stall the rank writing to it, and with it every rank waiting in a collective.
+
+    The ranks import the same ``sadam`` as the calling process (its directory goes first on
+    their path), so they run exactly the code under test, a mutated copy included."""
+    import sadam
+    package_root = str(Path(sadam.__file__).resolve().parent.parent)
+    path = os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])
     procs, logs = [], []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   STORE=str(out / "store"), OMP_NUM_THREADS="1", **env_extra)
+                   STORE=str(out / "store"), OMP_NUM_THREADS="1", PYTHONPATH=path, **env_extra)
         logs.append(out / f"rank{rank}.log")
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen([sys.executable, str(worker), str(out)], env=env,

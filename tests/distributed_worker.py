@@ -227,16 +227,9 @@ def run_pss_sharded(rank):
 
 
 def launch(out, scenarios, timeout_s=300):
-    """Run the scenarios on WORLD gloo ranks (subprocesses); their records, rank by rank.
-
-    The ranks import the same ``sadam`` as the calling process (its directory goes first on
-    their path), so they run exactly the code under test."""
-    from pathlib import Path
-
+    """Run the scenarios on WORLD gloo ranks (subprocesses); their records, rank by rank."""
     from _launch import launch_ranks
-    package_root = str(Path(sadam.__file__).resolve().parent.parent)
-    launch_ranks(__file__, out, WORLD, timeout_s, SADAM_WORKER_SCENARIOS=scenarios,
-                 PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    launch_ranks(__file__, out, WORLD, timeout_s, SADAM_WORKER_SCENARIOS=scenarios)
     return torch.load(out / "results.pt", weights_only=False)
 
 

@@ -282,6 +282,17 @@ def test_preserve_buffers_keeps_batch_norm_statistics():
     torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=0)
 
 
+def test_preserve_buffers_restores_and_lets_an_exception_through():
+    """An error inside the block still restores the buffers, and reaches the caller."""
+    model = torch.nn.BatchNorm1d(3)
+    saved = model.running_mean.clone()
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with sadam.preserve_buffers(model):
+            model(torch.randn(4, 3) + 5.0)
+            raise RuntimeError("inside the block")
+    assert torch.equal(model.running_mean, saved)
+
+
 def _bn_model_and_twin():
     torch.manual_seed(7)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sadam.pss import PSS
+from sadam.pss_trigger import SpikeTrigger
 
 TAIL = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
 
@@ -183,6 +184,24 @@ def test_non_finite_norm_stays_out_of_the_ema():
     assert float(before) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("beta,series,spikes", [
+    (0.0, [1.0, 3.0, 3.0, 6.0, float("nan"), 13.0], {2, 5, 6}),
+    (0.5, [1.0, 1.2, 3.0], {3}),
+])
+def test_trigger_edges_match_the_plain_python_reading(beta, series, spikes):
+    """The edges the long series does not reach: beta = 0 (the average is the last finite
+    norm), a spike at the first averaged step, a first step that is no spike with a warmup of
+    0 (nothing averaged yet), and a norm of exactly tau * n (no spike: the rule is strict)."""
+    expected = oracle_spikes(series, tau=2.0, beta=beta, warmup=0)
+    assert set(expected) == spikes   # the series is built for this
+    trigger = SpikeTrigger(torch.device("cpu"), tau=2.0, beta=beta, warmup=0)
+    fired = {}
+    for t, g in enumerate(series, start=1):
+        if bool(trigger.observe(torch.tensor(g))):
+            fired[t] = float(trigger.last_ratio)
+    assert fired == pytest.approx(expected, rel=1e-6)
+
+
 def test_every_mode_fires_on_its_period_besides_spikes():
     params = spiky_params()
     pss = PSS(params, tau=1e6, warmup=20, every=10)
@@ -192,6 +211,16 @@ def test_every_mode_fires_on_its_period_besides_spikes():
     assert fired == [10, 20, 30]
     assert [t for t, d in enumerate(due, start=1) if d] == [10, 20, 30]
     assert all(r.reason == "every" for r in pss.history)
+
+
+def test_a_periodic_smoothing_fires_once_per_step_and_manual_says_so():
+    params = spiky_params()
+    pss = PSS(params, tau=1e6, warmup=0, every=2)
+    assert [r is None for r in drive(pss, params, [1.0, 1.0])] == [True, False]
+    assert pss.step() is None    # a second step() on the same observation: already smoothed
+    report = pss.smooth_now()
+    assert report.reason == "manual" and report.step == 2
+    assert [r.reason for r in pss.history] == ["every", "manual"]
 
 
 # ---------------------------------------------------------------------------- host syncs
@@ -249,6 +278,27 @@ def test_no_cuda_sync_when_nothing_fires():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_spikes_fire_on_cuda_once_the_flag_has_landed():
+    """On CUDA the flag reaches the host by a non-blocking copy: once it has landed, step()
+    must act on it (the CPU tests cannot see the mirror's event)."""
+    series = grad_series()
+    expected = oracle_spikes(series, tau=2.5, beta=0.9, warmup=20)
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in spiky_params()]
+    n = sum(p.numel() for p in params)
+    pss = PSS(params, tau=2.5, beta=0.9, warmup=20)
+    fired = []
+    for t, g in enumerate(series, start=1):
+        for p in params:
+            p.grad = torch.full_like(p, g / math.sqrt(n))
+        pss.observe()
+        torch.cuda.synchronize()
+        if pss.step() is not None:
+            fired.append(t)
+    assert fired == sorted(expected)
+
+
 # --------------------------------------------------------------------------------- state
 def test_state_dict_round_trip_continues_like_an_uninterrupted_run():
     series = grad_series(seed=1)
@@ -271,6 +321,10 @@ def test_state_dict_round_trip_continues_like_an_uninterrupted_run():
         assert torch.equal(p.detach(), q.detach())
     with pytest.raises(ValueError, match="hparams"):
         PSS(params2, tau=3.0).load_state_dict(saved)
+    for key in saved:
+        partial = {k: v for k, v in saved.items() if k != key}
+        with pytest.raises(ValueError, match=f"^state_dict is missing '{key}'$"):
+            PSS(params2, tau=2.5, beta=0.9, warmup=20, every=25).load_state_dict(partial)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -294,7 +348,8 @@ def test_bad_params_are_named():
         PSS(torch.zeros(3, 3))
     with pytest.raises(ValueError, match="params_or_module"):
         PSS([torch.zeros(3, 3, dtype=torch.int64)])
-    with pytest.raises(RuntimeError, match="backward"):
+    with pytest.raises(RuntimeError, match=r"^PSS\.observe\(\) found no gradients; "
+                                           r"call it after backward\(\)$"):
         PSS(torch.nn.Linear(3, 3)).observe()
 
 
