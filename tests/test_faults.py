@@ -253,6 +253,12 @@ BAD_STATE_DICTS = {
                                      "parameters"),
     "probe_stats of another shape": (
         lambda sd: sd["state"][0].__setitem__("probe_stats", torch.zeros(1, 21)), "probe_stats"),
+    "probe_stats of an integer dtype": (
+        lambda sd: sd["state"][0].__setitem__("probe_stats", sd["state"][0]["probe_stats"].long()),
+        r"probe_stats of .* must be a floating-point tensor, got torch\.int64$"),
+    "probe_stats not a tensor": (
+        lambda sd: sd["state"][0].__setitem__("probe_stats", [0.0] * 22),
+        r"probe_stats of .* must be a floating-point tensor, got list$"),
     "probe_stats with NaN": (
         lambda sd: sd["state"][0]["probe_stats"].__setitem__((1, 0), float("nan")), "non-finite"),
     "probe_stats with Inf": (

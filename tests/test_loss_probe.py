@@ -11,6 +11,7 @@ import sadam
 from sadam import SAdam, probe_signs
 from sadam import _layout as L
 from sadam._hash import probe_key
+from sadam._loss_directions import sign_directions
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
     "cpu" not in sadam.available_backends(torch.device("cpu")),
@@ -53,6 +54,32 @@ def test_symmetric_estimator_is_exactly_zero_on_a_linear_loss():
     a = torch.randn(16, dtype=torch.float32, generator=torch.Generator().manual_seed(1))
     rho, _, _ = _probe_once(torch.zeros(16), lambda x: (a * x).sum(), probes=4)
     assert rho < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_norm", [1.5, 4.0])
+def test_symmetric_estimator_closed_form_on_a_quadratic(backend, x_norm):
+    """f = b/2 |x|^2 moved by +-t s_i (t = h / sqrt(n), h = delta * max(|x0|, 1), s_i the
+    spec's signs): the differences over h are exactly dp, dm = +-b x0.s_i / sqrt(n) + b h / 2,
+    so rho = sum (b h / 2)^2 / (sum (b h / 2)^2 + sum (b x0.s_i)^2 / n)."""
+    n, k, delta, b = 16, 4, 0.5, 3.0
+    x0 = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    x0 = x0 * (x_norm / x0.norm())
+    rho, _, _ = _probe_once(x0, lambda x: 0.5 * b * (x * x).sum(), backend, probes=k,
+                            probe_delta=delta)
+    h = delta * max(x_norm, 1.0)
+    signs = probe_signs(n, k, tensor_id=0, epoch=0, seed=0).double()
+    even = k * (b * h / 2) ** 2
+    odd = float(((b * signs @ x0.double()) ** 2).sum()) / n
+    assert rho == pytest.approx(even / (even + odd), rel=1e-4)
+
+
+def test_sign_directions_are_the_spec_signs_one_byte_each():
+    """Group 0's sign directions are the spec's probe signs, kept as int8 (k bytes per element
+    while a probing runs, not 4k or 8k)."""
+    signs = sign_directions(torch.zeros(37), 5, seed=3, group_index=0, tensor_index=2, probing=4)
+    assert signs.dtype == torch.int8 and signs.shape == (5, 37)
+    assert torch.equal(signs.float(), probe_signs(37, 5, tensor_id=2, epoch=4, seed=3).float())
 
 
 def _gaussian_directions(n, k, *, seed, probing, tensor_index):
@@ -372,6 +399,30 @@ def test_non_finite_probe_loss_keeps_the_statistics(estimator, backend):
     opt.step(closure)
     assert math.isfinite(opt.lgi()[0].item()) and torch.isfinite(w).all()
     assert stats[0, L.count_col(k)].item() == 3  # probings 1, 2 and 5 counted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_symmetric_probe_non_finite_on_one_side_keeps_the_statistics(backend):
+    """The symmetric estimator needs both sides of a probe: a loss that is infinite wherever
+    the first weight moved down (one side of every probe) skips the probing like a fully
+    non-finite one."""
+    w = torch.nn.Parameter(torch.randn(12, generator=torch.Generator().manual_seed(5)))
+    start = {}
+
+    def closure(backward=True):
+        loss = (w - 1).abs().sum()
+        if backward:
+            start["w"] = w.detach().clone()
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        return loss * float("inf") if w[0] < start["w"][0] else loss
+
+    opt = SAdam([w], lr=1e-2, probe="loss", probes=3, backend=backend)
+    opt.step(closure)
+    stats = opt.state[w]["probe_stats"]
+    assert stats[0, L.count_col(3)].item() == 0 and opt.lgi()[0].item() == 0.0
+    assert torch.isfinite(stats).all() and torch.isfinite(w).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
