@@ -248,6 +248,44 @@ def test_load_nontensor_step(kwargs):
         assert torch.equal(p, q)  # a float step resumes exactly like the tensor one
 
 
+def _saved_and_fresh(cls, names=("weight", "bias"), **kwargs):
+    """A state_dict of ``cls`` after one step, and a fresh ``cls`` on the same named params."""
+    weight, bias, x = _weight_bias(4)
+    optimizer = cls(list(zip(names, [weight, bias])), **kwargs)
+    optimizer.step(functools.partial(_fwd_bwd, optimizer, weight, bias, x))
+    return copy.deepcopy(optimizer.state_dict()), cls(list(zip(("w", "b"), [weight, bias])),
+                                                      **kwargs)
+
+
+@pytest.mark.parametrize("cls", [SAdam, torch.optim.AdamW])
+def test_loaded_groups_are_copies_and_keep_the_saved_names(cls):
+    """As torch's optimizers: the loaded param groups are deep copies (an in-place change of a
+    tensor lr, as schedulers make, does not reach the loaded dict) and keep the saved
+    ``param_names`` over the loading optimizer's own."""
+    saved, optimizer = _saved_and_fresh(cls, lr=torch.tensor(1e-2))
+    optimizer.load_state_dict(saved)
+    optimizer.param_groups[0]["lr"].fill_(5e-3)
+    assert float(saved["param_groups"][0]["lr"]) == float(torch.tensor(1e-2))
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == ["weight", "bias"]
+
+
+def test_older_checkpoints_load_with_this_versions_defaults():
+    """A param group saved by an earlier version lacks newer options and may carry
+    ``differentiable``: the options take this optimizer's defaults, ``differentiable`` is
+    dropped, and the loaded group has exactly a fresh group's keys."""
+    saved, optimizer = _saved_and_fresh(SAdam, probe_estimator="symmetric", probe_every=3)
+    group = saved["param_groups"][0]
+    for key in ("probe_estimator", "probe_every", "state_dtype", "probe_rng"):
+        group.pop(key)
+    group["differentiable"] = False
+    fresh_keys = set(optimizer.param_groups[0])
+    optimizer.load_state_dict(saved)
+    loaded = optimizer.param_groups[0]
+    assert set(loaded) == fresh_keys
+    assert (loaded["probe_estimator"], loaded["probe_every"], loaded["state_dtype"],
+            loaded["probe_rng"]) == ("symmetric", 3, torch.float32, None)
+
+
 @pytest.mark.parametrize("kwargs", CONFIGS)
 def test_deepcopy_and_pickle_step_like_the_original(kwargs):
     weight, bias, x = _weight_bias(3)
@@ -333,6 +371,7 @@ def test_state_dict_and_load_state_dict_hooks(kwargs):
     seen = []
 
     def load_pre(opt, state_dict):
+        assert opt is loaded  # as torch: the hook is given the optimizer
         seen.append(state_dict.pop("extra"))  # a pre-hook may rewrite what is loaded
         return state_dict
 
