@@ -11,7 +11,7 @@ import sadam
 from sadam import SAdam, probe_signs
 from sadam import _layout as L
 from sadam._hash import probe_key
-from sadam._loss_directions import sign_directions
+from sadam._loss_directions import gaussian_directions, sign_directions
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
     "cpu" not in sadam.available_backends(torch.device("cpu")),
@@ -82,6 +82,20 @@ def test_sign_directions_are_the_spec_signs_one_byte_each():
     assert torch.equal(signs.float(), probe_signs(37, 5, tensor_id=2, epoch=4, seed=3).float())
 
 
+def test_gaussian_directions_are_fp32_whatever_the_default_dtype():
+    """The directions are documented fp32 values from a CPU generator: a float64 default dtype
+    changes neither their dtype nor their values."""
+    kwargs = dict(seed=1, group_index=0, tensor_index=0, probing=2)
+    expected = gaussian_directions(torch.zeros(19), 3, **kwargs)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = gaussian_directions(torch.zeros(19, dtype=torch.float32), 3, **kwargs)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 def _gaussian_directions(n, k, *, seed, probing, tensor_index):
     """The documented directions: torch.randn(k, n) from a CPU generator seeded with the
     32-bit hash key of (seed, probing, tensor index), each row normalised."""
@@ -95,12 +109,13 @@ def _directions_rho(dp):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_directions_estimator_closed_form_on_a_linear_loss(backend):
+@pytest.mark.parametrize("slope", [1.0, 1e-3])
+def test_directions_estimator_closed_form_on_a_linear_loss(backend, slope):
     """f = a.x: each probe's one-sided difference is exactly a.u_i (the directional derivative
     along the unit Gaussian direction u_i); rho is their unbiased variance over their mean
-    square."""
+    square plus 1e-6 (a gentle slope makes that term count)."""
     n, k = 67, 8  # not a multiple of 16: randn(k, n) differs from k calls of randn(n)
-    a = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a = slope * torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     rho, _, _ = _probe_once(torch.zeros(n), lambda x: (a.float() * x).sum(), backend, probes=k,
                             probe_estimator="directions", probe_delta=1e-2)
     dp = _gaussian_directions(n, k, seed=0, probing=0, tensor_index=0) @ a
