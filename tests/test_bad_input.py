@@ -26,6 +26,76 @@ def test_invalid_hyperparameter_names_the_argument(name, value):
         SAdam([torch.nn.Parameter(torch.zeros(2))], **{name: value})
 
 
+GROUPS = ("('gradient', 'loss', 'off')", "('group', 'tensor')", "('symmetric', 'directions')")
+EXACT_MESSAGES = [  # the documented form: "<argument> <requirement>, got <value>"
+    (dict(lr=-1.0), "lr must be >= 0, got -1.0"),
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element, got shape (2,)"),
+    (dict(lr=torch.tensor(1.0, dtype=torch.complex64)),
+     "lr as a Tensor must be real, got torch.complex64"),
+    (dict(lr="fast"), "lr must be a real number or a one-element Tensor, got 'fast'"),
+    (dict(betas=(0.9,)), "betas must be a pair, got (0.9,)"),
+    (dict(betas=(1.0, 0.999)), "betas[0] must be in [0, 1), got 1.0"),
+    (dict(betas=(0.9, -0.1)), "betas[1] must be in [0, 1), got -0.1"),
+    (dict(eps=-1e-8), "eps must be >= 0, got -1e-08"),
+    (dict(eps=torch.tensor(0.5)), "eps must be a float, got tensor(0.5000)"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
+    (dict(damping=float("inf")), "damping must be a finite number >= 0, got inf"),
+    (dict(probes=0), "probes must be an integer in [1, 32], got 0"),
+    (dict(probe="hessian"), f"probe must be one of {GROUPS[0]}, got 'hessian'"),
+    (dict(probe_beta=1.0), "probe_beta must be a float in [0, 1), got 1.0"),
+    (dict(scope="layer"), f"scope must be one of {GROUPS[1]}, got 'layer'"),
+    (dict(probe_lag=2), "probe_lag must be an integer in [0, 1], got 2"),
+    (dict(probe_window=1), "probe_window must be an integer >= 2, got 1"),
+    (dict(probe_delta=0.0), "probe_delta must be a finite number > 0, got 0.0"),
+    (dict(probe_every=0), "probe_every must be an integer >= 1, got 0"),
+    (dict(probe_estimator="median"),
+     f"probe_estimator must be one of {GROUPS[2]}, got 'median'"),
+    (dict(probe_rng="sometimes"),
+     "probe_rng must be one of (None, 'replay', 'fresh'), got 'sometimes'"),
+    (dict(probe="loss", scope="tensor"),
+     "scope must be 'group' with probe='loss' (the loss probe measures one rho for the model), "
+     "got 'tensor'"),
+    (dict(probe="loss", probe_estimator="directions", probes=1),
+     "probes must be an integer in [2, 32], got 1"),
+    (dict(state_dtype=torch.float16),
+     "state_dtype must be one of (torch.float32, torch.bfloat16), got torch.float16"),
+    (dict(seed=2 ** 32), "seed must be an integer in [0, 4294967295], got 4294967296"),
+    (dict(amsgrad=1), "amsgrad must be a bool, got 1"),
+    (dict(maximize="yes"), "maximize must be a bool, got 'yes'"),
+    (dict(capturable=None), "capturable must be a bool, got None"),
+    (dict(backend="jax"),
+     "backend must be one of ('auto', 'torch', 'triton', 'cuda', 'cpu'), got 'jax'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", EXACT_MESSAGES,
+                         ids=[",".join(f"{k}={v!r}" for k, v in kw.items())
+                              for kw, _ in EXACT_MESSAGES])
+def test_invalid_hyperparameter_message_is_exact(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        SAdam([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+    assert str(error.value) == message
+
+
+def test_invalid_parameters_and_loss_groups_messages_are_exact():
+    def message(*args, **kwargs):
+        with pytest.raises(ValueError) as error:
+            SAdam(*args, **kwargs)
+        return str(error.value)
+
+    ok = torch.nn.Parameter(torch.zeros(1))
+    assert message([ok, torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))]) == (
+        "SAdam does not support complex parameters (param 1 of group 0); optimize "
+        "torch.view_as_real(p) as a real parameter instead")
+    assert message([ok, torch.zeros(3, dtype=torch.float64, requires_grad=True)]) == (
+        "SAdam supports parameters of dtype (torch.float32, torch.bfloat16, torch.float16) "
+        "(param 1 of group 0 is torch.float64)")
+    assert message([{"params": [torch.nn.Parameter(torch.zeros(2))]},
+                    {"params": [ok], "probe_delta": 0.5}], probe="loss") == (
+        "probe_delta must be the same in every param group with probe='loss' (they are probed "
+        "together), got 0.01 and 0.5")
+
+
 def test_invalid_hyperparameter_in_a_param_group():
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = SAdam([p])
