@@ -1,6 +1,8 @@
 """probe="loss": finite differences of the loss through the closure (spec section 4)."""
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -349,6 +351,153 @@ def _assert_bn_as_after_forwards(model, twin, x, forwards):
     assert model[1].num_batches_tracked.item() == forwards
     torch.testing.assert_close(model[1].running_mean, twin[1].running_mean, rtol=0, atol=0)
     torch.testing.assert_close(model[1].running_var, twin[1].running_var, rtol=0, atol=0)
+
+
+class _SharedNorm(torch.nn.Module):
+    """Two batch norms, one of them run twice per forward: directly, then inside its block."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+        self.head = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+    def forward(self, x):
+        return self.head(self.block(self.block[0](x)))
+
+
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_probes_keep_the_buffers_of_shared_and_nested_modules(estimator):
+    """Every buffer is restored to its value before the evaluation, also for a module that runs
+    twice in one forward and before the block that contains it, and for every module."""
+    torch.manual_seed(3)
+    model, twin = _SharedNorm(), _SharedNorm()
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(10, 4)
+    opt = SAdam(model.parameters(), lr=0.0, weight_decay=0.0, probe="loss", probes=2,
+                probe_estimator=estimator, backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+        twin(x)  # the oracle: the closure's one training forward per step, no probes
+    for name, buffer in twin.named_buffers():
+        torch.testing.assert_close(model.get_buffer(name), buffer, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_probe_evaluations_may_return_floats_and_skip_unused_params(estimator):
+    """A closure may return a Python float when it does not backpropagate, and a group may hold
+    a parameter without a gradient: the probe runs, and rho is that of the used parameter."""
+    noise = torch.randn(8, generator=torch.Generator().manual_seed(6))
+    w = torch.nn.Parameter(0.5 + 1e-4 * noise)  # at the kinks of |x - 0.5|: rho > 0
+    unused = torch.nn.Parameter(torch.zeros(3))
+    results = {}
+    for returns_float in (False, True):
+        x = torch.nn.Parameter(w.detach().clone())
+        opt = SAdam([x, unused], lr=0.0, weight_decay=0.0, probe="loss", probes=3,
+                    probe_estimator=estimator, backend="torch")
+
+        def closure(backward=True, x=x, opt=opt, returns_float=returns_float):
+            loss = (x - 0.5).abs().sum()
+            if backward:
+                opt.zero_grad()
+                loss.backward()
+                return loss
+            return float(loss) if returns_float else loss
+
+        opt.step(closure)
+        assert unused.grad is None
+        results[returns_float] = opt.lgi()[0].item()
+    assert results[True] == results[False] > 0
+
+
+def test_plain_closure_probes_keep_a_missing_gradient_missing():
+    """A closure without the ``backward`` keyword backpropagates in every evaluation: the
+    gradients are put back afterwards, and a parameter that had none still has none."""
+    x = torch.nn.Parameter(torch.randn(8, generator=torch.Generator().manual_seed(6)))
+    unused = torch.nn.Parameter(torch.zeros(3))
+    opt = SAdam([x, unused], lr=0.0, weight_decay=0.0, probe="loss", probes=3, backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        loss = (x - 0.5).abs().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert unused.grad is None
+    torch.testing.assert_close(x.grad, torch.sign(x.detach() - 0.5), rtol=0, atol=0)
+
+
+def test_an_error_inside_a_probe_evaluation_reaches_the_caller_and_changes_nothing():
+    """The closure's error propagates; the parameters are not stepped and the buffers are those
+    of the closure's training forward (the failed evaluation's forward is undone)."""
+    model, twin = _bn_model_and_twin()
+    x = torch.randn(10, 4)
+    opt = SAdam(model.parameters(), lr=1e-2, probe="loss", probes=2, backend="torch")
+    params = list(model.parameters())
+    before = [p.detach().clone() for p in params]
+
+    def closure(backward=True):
+        loss = model(x).pow(2).mean()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        opt.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    _assert_bn_as_after_forwards(model, twin, x, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_cuda_random_state_continues_as_without_probes(estimator):
+    """Dropout on CUDA tensors: after a probing step the CUDA generator is where one training
+    forward leaves it."""
+    w = torch.nn.Parameter(torch.randn(256, device="cuda"))
+    opt = SAdam([w], lr=0.0, weight_decay=0.0, probe="loss", probes=3, probe_estimator=estimator,
+                backend="torch")
+
+    def closure(backward=True):
+        loss = torch.nn.functional.dropout(w, 0.5).square().sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    torch.cuda.manual_seed(11)
+    opt.step(closure)
+    after_step = torch.cuda.get_rng_state()
+    torch.cuda.manual_seed(11)
+    closure()
+    assert torch.equal(after_step, torch.cuda.get_rng_state())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cpu_loss_probe_leaves_cuda_uninitialized():
+    """On a machine with a GPU, probing a CPU model must not create a CUDA context (a fresh
+    process: other tests may have initialized CUDA in this one)."""
+    code = ("import torch, sadam\n"
+            "w = torch.nn.Parameter(torch.randn(8))\n"
+            "opt = sadam.SAdam([w], probe='loss', backend='torch')\n"
+            "def closure(backward=True):\n"
+            "    loss = w.square().sum()\n"
+            "    if backward:\n"
+            "        opt.zero_grad(); loss.backward()\n"
+            "    return loss\n"
+            "opt.step(closure)\n"
+            "assert not torch.cuda.is_initialized()\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
