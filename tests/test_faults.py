@@ -237,6 +237,12 @@ def _corrupt(mutate):
     return params, opt, sd
 
 
+def _where(key):
+    """How a load error names parameter ``key`` of the one param group."""
+    return rf"parameter {key} \(param group 0\)"
+
+
+# (corruption, regex of the error): the regexes anchored with ^...$ pin the whole message
 BAD_STATE_DICTS = {
     "extra parameter state": (lambda sd: sd["state"].__setitem__(7, {}), "no param group lists"),
     "moment of another shape": (
@@ -246,7 +252,19 @@ BAD_STATE_DICTS = {
     "max_exp_avg_sq of another shape": (
         lambda sd: sd["state"][2].__setitem__("max_exp_avg_sq", torch.zeros(8)),
         "max_exp_avg_sq"),
-    "moment missing": (lambda sd: sd["state"][1].pop("exp_avg_sq"), "lacks"),
+    "exp_avg of an integer dtype": (
+        lambda sd: sd["state"][0].__setitem__("exp_avg", sd["state"][0]["exp_avg"].long()),
+        rf"^state 'exp_avg' of {_where(0)} must be a floating-point tensor, got torch\.int64$"),
+    "exp_avg not a tensor": (
+        lambda sd: sd["state"][1].__setitem__("exp_avg", [0.0] * 5),
+        rf"^state 'exp_avg' of {_where(1)} must be a floating-point tensor, got list$"),
+    "negative exp_avg_sq": (
+        lambda sd: sd["state"][2]["exp_avg_sq"].__setitem__((0, 1, 0), -1e-30),
+        rf"^state 'exp_avg_sq' of {_where(2)} holds negative values \(a second moment is "
+        r">= 0\)$"),
+    "moment missing": (
+        lambda sd: sd["state"][1].pop("exp_avg_sq"),
+        rf"^state of {_where(1)} has \['step', 'exp_avg'\] but lacks \['exp_avg_sq'\]$"),
     "param group missing": (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])),
                             "param groups"),
     "parameter missing from group": (lambda sd: sd["param_groups"][0]["params"].pop(),
@@ -255,17 +273,24 @@ BAD_STATE_DICTS = {
         lambda sd: sd["state"][0].__setitem__("probe_stats", torch.zeros(1, 21)), "probe_stats"),
     "probe_stats of an integer dtype": (
         lambda sd: sd["state"][0].__setitem__("probe_stats", sd["state"][0]["probe_stats"].long()),
-        r"probe_stats of .* must be a floating-point tensor, got torch\.int64$"),
+        rf"^probe_stats of {_where(0)} must be a floating-point tensor, got torch\.int64$"),
     "probe_stats not a tensor": (
         lambda sd: sd["state"][0].__setitem__("probe_stats", [0.0] * 22),
-        r"probe_stats of .* must be a floating-point tensor, got list$"),
+        rf"^probe_stats of {_where(0)} must be a floating-point tensor, got list$"),
     "probe_stats with NaN": (
         lambda sd: sd["state"][0]["probe_stats"].__setitem__((1, 0), float("nan")), "non-finite"),
     "probe_stats with Inf": (
         lambda sd: sd["state"][0]["probe_stats"].__setitem__((0, 2), float("inf")), "non-finite"),
     "invalid hyperparameter": (lambda sd: sd["param_groups"][0].__setitem__("probes", 0),
                                "probes"),
-    "step not a tensor": (lambda sd: sd["state"][2].__setitem__("step", [3]), "step"),
+    "step not a tensor": (
+        lambda sd: sd["state"][2].__setitem__("step", [3]),
+        rf"^state 'step' of {_where(2)} must be a number or a one-element tensor, got \[3\]$"),
+    # torch's AdamW loads a bool step and then fails at its next step; refused at load here
+    "step a bool tensor": (
+        lambda sd: sd["state"][2].__setitem__("step", torch.tensor(True)),
+        rf"^state 'step' of {_where(2)} must be a number or a one-element real tensor, got a "
+        r"torch\.bool tensor of shape \(\)$"),
 }
 
 

@@ -1,6 +1,7 @@
 """state_dict round trips: a resumed run is bit-identical to an uninterrupted one."""
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -92,18 +93,6 @@ def test_state_keeps_fp32_moments_beside_bf16_params():
         assert torch.equal(opt2.state[p2][key], opt.state[p][key])
 
 
-def test_loaded_state_does_not_alias_the_state_dict():
-    p = torch.nn.Parameter(torch.randn(4))
-    opt = SAdam([p], backend="torch")
-    p.grad = torch.ones(4)
-    opt.step()
-    sd = opt.state_dict()
-    opt2 = SAdam([torch.nn.Parameter(torch.randn(4))], backend="torch")
-    opt2.load_state_dict(sd)
-    next(iter(opt2.state.values()))["exp_avg"].add_(1)
-    assert torch.equal(sd["state"][0]["exp_avg"], opt.state[p]["exp_avg"])
-
-
 # --------------------------------------------------- what a loaded state may hold, and becomes
 def _stepped(backend="torch", steps=3, **kw):
     torch.manual_seed(4)
@@ -150,15 +139,28 @@ REFUSED = {
 }
 
 
+def _out_of_range(column, hi, value):
+    """The whole error for ``value`` outside a column's range [0, hi] (the state of parameter 0
+    holds the statistics, one row for scope="group")."""
+    return (rf"^probe_stats of parameter 0 \(param group 0\): the {column} column must lie in "
+            rf"{re.escape(str([0.0, hi]))}, got {re.escape(str([value]))}$")
+
+
 def _refused_cases():
     from sadam import _layout as L
+    inf = float("inf")
     return dict(REFUSED, **{
-        "rho -1": (_stats_col(L.rho_col, -1.0), "rho"),
-        "rho 5": (_stats_col(L.rho_col, 5.0), "rho"),
-        "applied rho 2": (_stats_col(L.rho_applied_col, 2.0), "applied rho"),
-        "applied gamma 3": (_stats_col(L.gamma_applied_col, 3.0), "applied gamma"),
-        "negative count": (_stats_col(L.count_col, -2.0), "count"),
-        "negative epoch": (_stats_col(L.epoch_col, -1.0), "epoch"),
+        "rho -1": (_stats_col(L.rho_col, -1.0), _out_of_range("rho", 1.0, -1.0)),
+        "rho 5": (_stats_col(L.rho_col, 5.0), _out_of_range("rho", 1.0, 5.0)),
+        "applied rho 2": (_stats_col(L.rho_applied_col, 2.0),
+                          _out_of_range("applied rho", 1.0, 2.0)),
+        "applied gamma 3": (_stats_col(L.gamma_applied_col, 3.0),
+                            _out_of_range("applied gamma", 1.0, 3.0)),
+        # gamma = exp(-damping * rho) with damping, rho >= 0 never exceeds 1
+        "applied gamma 1.5": (_stats_col(L.gamma_applied_col, 1.5),
+                              _out_of_range("applied gamma", 1.0, 1.5)),
+        "negative count": (_stats_col(L.count_col, -2.0), _out_of_range("count", inf, -2.0)),
+        "negative epoch": (_stats_col(L.epoch_col, -1.0), _out_of_range("epoch", inf, -1.0)),
     })
 
 
@@ -223,6 +225,48 @@ def test_moments_become_the_state_dtype_and_statistics_fp32():
         assert bf16.state[p]["exp_avg"].dtype == torch.bfloat16
 
 
+def _assert_equal_nested(actual, expected):
+    assert type(actual) is type(expected)
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype and torch.equal(actual, expected)
+    elif isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            _assert_equal_nested(actual[key], expected[key])
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            _assert_equal_nested(a, e)
+    else:
+        assert actual == expected
+
+
+def test_loaded_state_is_a_copy_of_the_state_dict_extra_keys_included():
+    """The optimizer owns what it loads: stepping it, or changing its state in place, leaves the
+    loaded state dict as it was, nested values of unknown per-parameter keys included, and those
+    keys come back from ``state_dict()``. torch's AdamW copies nested containers but shares
+    tensors of a matching dtype and device with the state dict; SAdam copies those too."""
+    params, opt = _stepped(amsgrad=True)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["ema_of_grad_norm"] = torch.tensor([0.5, 0.25])
+    sd["state"][1]["history"] = [1.0, [2.0, 3.0], {"best": 4.0}]
+    saved = copy.deepcopy(sd)
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = SAdam(twin_params, lr=1e-2, backend="torch", amsgrad=True)
+    twin.load_state_dict(sd)
+    _assert_equal_nested(twin.state_dict()["state"], saved["state"])  # extra keys kept as given
+    for _ in range(2):
+        for p in twin_params:
+            p.grad = torch.randn_like(p)
+        twin.step()
+    twin.state[twin_params[0]]["ema_of_grad_norm"].mul_(2)
+    history = twin.state[twin_params[1]]["history"]
+    history[1].append(5.0)
+    history[2]["best"] = 0.0
+    history.append(6.0)
+    _assert_equal_nested(sd, saved)
+
+
 def test_loss_probe_directions_rho_up_to_10_loads():
     """The "directions" estimator's rho is clipped to [0, 10], not [0, 1]: such a state loads."""
     from sadam import _layout as L
@@ -235,6 +279,144 @@ def test_loss_probe_directions_rho_up_to_10_loads():
     sd["state"][0]["probe_stats"][0, L.rho_col(3)] = 11.0
     with pytest.raises(ValueError, match="rho"):
         opt.load_state_dict(sd)
+
+
+def test_rho_above_1_is_refused_for_the_gradient_probe_whatever_the_estimator():
+    """``probe_estimator`` only concerns ``probe="loss"``: a gradient-probe rho is a normalized
+    variance in [0, 1], also in a group that names the "directions" estimator."""
+    from sadam import _layout as L
+    params = [torch.nn.Parameter(torch.randn(3))]
+    opt = SAdam(params, probes=3, probe_estimator="directions", backend="torch")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0] = {"probe_stats": torch.zeros(1, L.row_width(3))}
+    sd["state"][0]["probe_stats"][0, L.rho_col(3)] = 1.0
+    opt.load_state_dict(sd)
+    sd["state"][0]["probe_stats"][0, L.rho_col(3)] = 1.5
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError, match=_out_of_range("rho", 1.0, 1.5)):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, params, snap)
+
+
+def test_state_created_by_distributed_checkpoint_loads_at_step_0():
+    """torch.distributed.checkpoint creates a fresh optimizer's state (step 0, zero moments,
+    fresh statistics) to save it: that state loads, and the optimizer then steps exactly like one
+    that never saw a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    saved_model = _model()
+    saved = get_optimizer_state_dict(saved_model,
+                                     SAdam(saved_model.parameters(), lr=1e-2, backend="torch"))
+    assert [float(s["step"]) for s in saved["state"].values()] == [0.0] * 4
+    model, straight = _model(), _model()
+    opt = SAdam(model.parameters(), lr=1e-2, backend="torch")
+    set_optimizer_state_dict(model, opt, saved)
+    assert [float(s["step"]) for s in opt.state.values()] == [0.0] * 4
+    straight_opt = SAdam(straight.parameters(), lr=1e-2, backend="torch")
+    _train(model, opt, 3, 0)
+    _train(straight, straight_opt, 3, 0)
+    for p, q in zip(model.parameters(), straight.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_loaded_step_is_fp32_under_a_float64_default_dtype():
+    """The step count is a 0-d fp32 tensor, as in a fresh state, also when a number from an
+    older checkpoint is loaded while torch's default dtype is float64."""
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    for state in sd["state"].values():
+        state["step"] = float(state["step"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt.load_state_dict(sd)
+    finally:
+        torch.set_default_dtype(default)
+    for p in params:
+        step = opt.state[p]["step"]
+        assert step.dtype == torch.float32 and step.shape == () and float(step) == 3.0
+
+
+def test_second_moments_with_exact_zeros_load_and_resume_identically():
+    """Where a gradient was always zero, exp_avg_sq (and its max) is exactly 0, as in AdamW: a
+    valid second moment, so the state loads and the run resumes bit-identically."""
+    def grad(gen):
+        g = torch.randn(4, 3, generator=gen)
+        g[0] = 0.0
+        return g
+
+    torch.manual_seed(4)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = SAdam([p], lr=1e-2, amsgrad=True, backend="torch")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        p.grad = grad(gen)
+        opt.step()
+    assert not opt.state[p]["exp_avg_sq"][0].any() and not opt.state[p]["max_exp_avg_sq"][0].any()
+    q = torch.nn.Parameter(p.detach().clone())
+    twin = SAdam([q], lr=1e-2, amsgrad=True, backend="torch")
+    twin.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(2):
+        p.grad = grad(gen)
+        q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert torch.equal(p, q)
+
+
+def test_each_parameters_state_is_loaded_onto_that_parameters_device():
+    """As in torch's AdamW, load_state_dict moves each saved tensor to the device of its
+    parameter, extra per-parameter tensors included; the step too (SAdam keeps it on the
+    parameter's device, as AdamW with ``capturable=True``). The meta device stands in for a
+    second device; it holds the group's second parameter, since the statistics (in the state of
+    the first) are range-checked by value."""
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["ema_of_grad_norm"] = torch.tensor([0.5, 0.25])
+    mixed = [params[0].detach().clone().requires_grad_(),
+             torch.nn.Parameter(torch.empty(params[1].shape, device="meta"))]
+    loaded = SAdam(mixed, lr=1e-2, backend="torch")
+    loaded.load_state_dict(sd)
+    adamw = torch.optim.AdamW(mixed, lr=1e-2, capturable=True)
+    adamw.load_state_dict({"state": {k: {n: v for n, v in s.items() if n != "probe_stats"}
+                                     for k, s in sd["state"].items()},
+                           "param_groups": adamw.state_dict()["param_groups"]})
+    for p in mixed:
+        assert set(loaded.state[p]) >= set(adamw.state[p])
+        for name, value in loaded.state[p].items():
+            assert value.device == p.device, name
+            if name in adamw.state[p]:
+                assert adamw.state[p][name].device == p.device, name
+    assert "probe_stats" in loaded.state[mixed[0]] and "ema_of_grad_norm" in loaded.state[mixed[1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_checkpoint_loads_onto_cuda_parameters_and_resumes():
+    """A checkpoint on CPU (saved there, or loaded with map_location="cpu") loaded into an
+    optimizer of CUDA parameters puts every state tensor on the parameter's device: step,
+    moments, probe statistics and extra tensors; the run then resumes as on CPU."""
+    from spec_tolerance import assert_params_close
+    params, opt = _stepped(amsgrad=True)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["ema_of_grad_norm"] = torch.tensor([0.5, 0.25])
+    cuda_params = [p.detach().cuda().requires_grad_() for p in params]
+    other = SAdam(cuda_params, lr=1e-2, amsgrad=True, backend="torch")
+    other.load_state_dict(sd)
+    for p in cuda_params:
+        assert {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"} <= set(other.state[p])
+        for name, value in other.state[p].items():
+            assert value.device == p.device, name
+    assert "probe_stats" in other.state[cuda_params[0]]
+    assert "ema_of_grad_norm" in other.state[cuda_params[1]]
+    for _ in range(2):
+        for p, q in zip(params, cuda_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.cuda()
+        opt.step()
+        other.step()
+    for p, q in zip(params, cuda_params):
+        assert_params_close(q.cpu(), p)
 
 
 # ------------------------------------------------------------- round trips as torch's optimizers

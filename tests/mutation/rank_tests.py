@@ -8,7 +8,8 @@ inherit ``MUTANT_UNDER_TEST`` and import the mutated copy under ``mutants/``) an
 verdicts in ``mutants/rank-tests.json``, which ``score.py`` reads beside mutmut's results.
 
 Run from the repository root after ``mutmut run``:
-``python tests/mutation/rank_tests.py [MODULE ...]``.
+``python tests/mutation/rank_tests.py [MODULE or FUNCTION ...]``, a function named as mutmut
+names it (``sadam.pss_trigger.x_grad_norm``).
 """
 import json
 import os
@@ -69,7 +70,7 @@ def main(modules):
     done = json.loads(VERDICTS.read_text()) if VERDICTS.exists() else {}
     todo = [(m, rank_tests_for(m)) for m, code in mutmut_verdicts().items()
             if code in NOT_KILLED and m not in done
-            and (not modules or any(m.startswith(x + ".") for x in modules))]
+            and (not modules or any(m.startswith((x + ".", x + "__mutmut_")) for x in modules))]
     todo = [(m, files) for m, files in todo if files]
     for files in sorted({tuple(f) for _, f in todo}):
         check_setup(list(files))
