@@ -1,5 +1,6 @@
 """``SAdam``: the torch.optim front-end (arguments, validation, state, backend dispatch)."""
 import copy
+import inspect
 from collections import defaultdict
 
 import torch
@@ -97,11 +98,16 @@ class SAdam(Optimizer):
         # torch's Optimizer adds a "differentiable" default that SAdam does not have: without
         # this, it would appear in every group after a load, deepcopy or pickle
         self.defaults.pop("differentiable", None)
+        # a state pickled by an earlier version lacks the options added since, in its defaults
+        # as in its groups: they take the constructor's defaults
+        for name, value in _constructor_defaults().items():
+            self.defaults.setdefault(name, value)
         self.__dict__.setdefault("_backends", {})
         self.__dict__.setdefault("_loss_probe", LossProbe(self))
         self.__dict__.setdefault("_declared_params",
                                  {id(g): list(g["params"]) for g in self.param_groups})
         for group in self.param_groups:
+            group.pop("differentiable", None)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
@@ -427,3 +433,10 @@ class SAdam(Optimizer):
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+
+def _constructor_defaults() -> dict:
+    """SAdam's options with their default values, from the constructor's signature."""
+    return {name: param.default
+            for name, param in inspect.signature(SAdam.__init__).parameters.items()
+            if param.default is not inspect.Parameter.empty}

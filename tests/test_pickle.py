@@ -107,3 +107,24 @@ def test_a_copy_keeps_the_parameters_its_groups_were_declared_with():
         for p, q in zip(opt.param_groups[0]["params"], other.param_groups[0]["params"]):
             assert torch.equal(p, q)
         assert torch.equal(opt.lgi()[0], other.lgi()[0])
+
+
+def test_an_older_pickle_gets_the_constructors_defaults_and_loses_differentiable():
+    """An earlier version's pickle lacks the newer options in its defaults too, and may carry
+    ``differentiable`` in its groups: the options take the constructor's defaults (those of a
+    fresh SAdam) and the flag is dropped."""
+    model = _model()
+    opt = SAdam(model.parameters(), lr=1e-2, backend="torch", **MODES["loss"])
+    state = copy.deepcopy(opt).__getstate__()
+    newer = ("probe_delta", "probe_every", "probe_estimator", "probe_rng")
+    for key in newer:
+        del state["param_groups"][0][key]
+        del state["defaults"][key]
+    state["param_groups"][0]["differentiable"] = False
+    restored = SAdam.__new__(SAdam)
+    restored.__setstate__(state)
+    fresh = SAdam(model.parameters(), lr=1e-2, backend="torch", **MODES["loss"])
+    for key in newer:
+        assert restored.defaults[key] == fresh.defaults[key]
+        assert restored.param_groups[0][key] == fresh.param_groups[0][key]
+    assert set(restored.param_groups[0]) == set(fresh.param_groups[0])
