@@ -209,17 +209,42 @@ def pss_run(params, grads_of_step, to_param_layout):
 def run_pss_sharded(rank):
     """PSS on Shard(0) DTensors over two ranks (uneven shards), and one replicated matrix."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard
     mesh = init_device_mesh("cpu", (WORLD,))
 
-    def placement(name):
-        return [Shard(0)] if PSS_SHAPES[name][1] == "shard" else [Replicate()]
+    def layout(name):
+        return mesh, [Shard(0)] if PSS_SHAPES[name][1] == "shard" else [Replicate()]
 
+    return pss_on_dtensors(PSS_SHAPES, layout)
+
+
+# parameter -> the dim of the (2, 1) mesh its Shard(0) gradient lives on
+PSS_TWO_MESHES = {"uneven": "replicate", "one_row_each": "shard"}
+
+
+def run_pss_two_meshes(rank):
+    """PSS on Shard(0) DTensors of two 1-D meshes over different ranks, as HSDP lays them out:
+    "uneven" is split across both ranks (dim "replicate"), "one_row_each" lies whole on each
+    rank (dim "shard" holds one rank; both ranks have the same values, as replicas do). Each
+    element counts once in the norm only if every mesh's squares are all-reduced over that
+    mesh's own group: the whole world, or one mesh's group for both, counts the copies twice
+    (or the split rows once)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    meshes = {dim: mesh[dim] for dim in ("replicate", "shard")}
+    return pss_on_dtensors(PSS_TWO_MESHES, lambda name: (meshes[PSS_TWO_MESHES[name]],
+                                                         [Shard(0)]))
+
+
+def pss_on_dtensors(names, layout):
+    """pss_run on the ``names`` of pss_tensors, each distributed as ``layout(name)`` says (a mesh
+    and placements); the trigger's numbers and the smoothed weights, local and full."""
+    from torch.distributed.tensor import distribute_tensor
     weights, grads = pss_tensors()
-    params = {n: nn.Parameter(distribute_tensor(w.clone(), mesh, placement(n)))
-              for n, w in weights.items()}
-    _, emas, report = pss_run(params, grads,
-                              lambda g, p: distribute_tensor(g.clone(), mesh, p.placements))
+    params = {n: nn.Parameter(distribute_tensor(weights[n].clone(), *layout(n))) for n in names}
+    _, emas, report = pss_run(params, grads, lambda g, p: distribute_tensor(
+        g.clone(), p.device_mesh, p.placements))
     return dict(emas=emas, fired=report is not None,
                 ks=[m.k for m in report.matrices] if report else [],
                 local={n: p.to_local().detach().clone() for n, p in params.items()},
@@ -256,6 +281,7 @@ def main(out):
                                                               backend=backend)
     if "pss" in scenarios:
         results["pss"] = run_pss_sharded(rank)
+        results["pss_two_meshes"] = run_pss_two_meshes(rank)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if rank == 0:
