@@ -161,7 +161,18 @@ CONFIGS = {
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_steps_match_the_float64_oracle(backend, config):
     """Eight steps: params, moments, rho after every step and the gamma each step applied."""
-    device = _backends.device_of(backend)
+    _run_against_the_oracle(backend, _backends.device_of(backend), config)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_the_reference_on_cuda_tensors_matches_the_float64_oracle(config):
+    """The torch backend is the ground truth on every device: on CUDA tensors too."""
+    _run_against_the_oracle("torch", torch.device("cuda"), config)
+
+
+def _run_against_the_oracle(backend, device, config):
     hyper = dict(HYPER, amsgrad=False, maximize=False)
     hyper.update(CONFIGS[config])
     params = [torch.nn.Parameter(p.to(device)) for p in _initial()]
