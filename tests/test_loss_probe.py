@@ -76,6 +76,82 @@ def test_symmetric_estimator_closed_form_on_a_quadratic(backend, x_norm):
     assert rho == pytest.approx(even / (even + odd), rel=1e-4)
 
 
+def test_symmetric_estimator_probes_exactly_the_parameters_with_gradients():
+    """The closed form of the quadratic over every parameter that has a gradient, a one-element
+    one included, and none without: x (16) and s (1) move along their own spec signs (tensor
+    ids 0 and 1), an unused parameter (no gradient) is left out of n and of |x0|."""
+    k, delta, b = 4, 0.5, 3.0
+    gen = torch.Generator().manual_seed(4)
+    x = torch.nn.Parameter(torch.randn(16, generator=gen))
+    s = torch.nn.Parameter(torch.randn(1, generator=gen) + 2.0)
+    unused = torch.nn.Parameter(torch.full((3,), 7.0))
+    opt = SAdam([x, s, unused], lr=0.0, weight_decay=0.0, probe="loss", probes=k,
+                probe_delta=delta, backend="torch")
+
+    def closure(backward=True):
+        loss = 0.5 * b * ((x * x).sum() + (s * s).sum())
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    x0 = torch.cat([x.detach(), s.detach()]).double()
+    opt.step(closure)
+    signs = torch.cat([probe_signs(16, k, tensor_id=0, epoch=0, seed=0),
+                       probe_signs(1, k, tensor_id=1, epoch=0, seed=0)], dim=1).double()
+    h = delta * max(float(x0.norm()), 1.0)
+    even = k * (b * h / 2) ** 2
+    odd = float(((b * signs @ x0) ** 2).sum()) / 17
+    assert opt.lgi()[0].item() == pytest.approx(even / (even + odd), rel=1e-4)
+
+
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_a_loss_group_without_gradients_has_rho_zero(estimator):
+    """A loss-probed group none of whose parameters has a gradient has nothing to probe: its rho
+    is 0 (no damping), and a group that has gradients is probed as usual."""
+    frozen = torch.nn.Parameter(torch.ones(4))
+    w = torch.nn.Parameter(0.5 + 1e-4 * torch.randn(6, generator=torch.Generator().manual_seed(2)))
+    groups = [{"params": [frozen]}, {"params": [w]}] if estimator == "directions" else \
+        [{"params": [frozen]}]
+    opt = SAdam(groups, lr=0.0, weight_decay=0.0, probe="loss", probes=3,
+                probe_estimator=estimator, backend="torch")
+
+    def closure(backward=True):
+        loss = (w - 0.5).abs().sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert frozen.grad is None and opt.lgi()[0].item() == 0.0
+    if estimator == "directions":
+        assert opt.lgi()[1].item() > 0
+
+
+def test_closure_returning_nothing_is_named_and_a_non_finite_loss_skips_the_probe():
+    x = torch.nn.Parameter(torch.randn(5))
+    opt = SAdam([x], probe="loss", backend="torch")
+
+    def returns_nothing():
+        opt.zero_grad()
+        x.square().sum().backward()
+
+    with pytest.raises(RuntimeError) as error:
+        opt.step(returns_nothing)
+    assert str(error.value) == "probe='loss' needs the closure to return the loss"
+
+    def infinite_loss():
+        opt.zero_grad()
+        x.square().sum().backward()
+        return torch.tensor(float("inf"))
+
+    opt.step(infinite_loss)
+    stats = opt.state[x]["probe_stats"]
+    assert stats[0, L.count_col(8)].item() == 0  # no probe sample from an infinite loss
+    assert torch.isfinite(x).all()
+
+
 def test_sign_directions_are_the_spec_signs_one_byte_each():
     """Group 0's sign directions are the spec's probe signs, kept as int8 (k bytes per element
     while a probing runs, not 4k or 8k)."""
