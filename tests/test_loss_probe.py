@@ -129,6 +129,28 @@ def test_a_loss_group_without_gradients_has_rho_zero(estimator):
         assert opt.lgi()[1].item() > 0
 
 
+def test_a_group_with_non_finite_probes_leaves_the_other_groups_probed():
+    """The directions estimator probes each group alone: when only the first group's probe
+    losses are infinite, it keeps its statistics and the second group still gets its sample."""
+    x = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(3)))
+    y = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(4)))
+    opt = SAdam([{"params": [x]}, {"params": [y]}], lr=0.0, weight_decay=0.0, probe="loss",
+                probe_estimator="directions", probes=3, backend="torch")
+    x0 = x.detach().clone()
+
+    def closure(backward=True):
+        loss = x.sum() + (y - 0.3).abs().sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        return loss if torch.equal(x.detach(), x0) else loss * float("inf")
+
+    opt.step(closure)
+    counts = [opt.state[p]["probe_stats"][0, L.count_col(3)].item() for p in (x, y)]
+    assert counts == [0, 1]
+
+
 def test_closure_returning_nothing_is_named_and_a_non_finite_loss_skips_the_probe():
     x = torch.nn.Parameter(torch.randn(5))
     opt = SAdam([x], probe="loss", backend="torch")
