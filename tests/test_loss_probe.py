@@ -151,6 +151,28 @@ def test_a_group_with_non_finite_probes_leaves_the_other_groups_probed():
     assert counts == [0, 1]
 
 
+@pytest.mark.parametrize("estimator", ["symmetric", "directions"])
+def test_loss_probe_reports_the_damping_it_applies(estimator):
+    """damping_factors() after a loss-probed step is exp(-damping * rho) of the rho lgi()
+    reports (spec: gamma = exp(-lambda * rho))."""
+    w = torch.nn.Parameter(0.5 + 1e-4 * torch.randn(8, generator=torch.Generator().manual_seed(9)))
+    opt = SAdam([w], lr=1e-3, damping=2.5, probe="loss", probes=3, probe_estimator=estimator,
+                backend="torch")
+
+    def closure(backward=True):
+        loss = (w - 0.5).abs().sum()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    rho = opt.lgi()[0].item()
+    assert rho > 0
+    assert opt.damping_factors()[0].item() == pytest.approx(math.exp(-2.5 * rho), rel=1e-6)
+
+
 def test_closure_returning_nothing_is_named_and_a_non_finite_loss_skips_the_probe():
     x = torch.nn.Parameter(torch.randn(5))
     opt = SAdam([x], probe="loss", backend="torch")
