@@ -8,6 +8,7 @@ import torch
 
 from sadam.pss import PSS
 from sadam.pss_trigger import SpikeTrigger
+from _single_rank import single_rank_mesh, single_rank_world  # noqa: F401 (fixtures)
 
 TAIL = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
 
@@ -392,20 +393,6 @@ def test_bad_params_are_named():
 
 
 # --------------------------------------------------------------------------- FSDP2 layout
-@pytest.fixture
-def single_rank_mesh(tmp_path):
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    from torch.distributed.device_mesh import init_device_mesh
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
-                            rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_parameters_match_plain_ones(single_rank_mesh):
     """Shard(0) DTensors (the FSDP2 layout): all-reduced norm and gathered smoothing."""
     from torch.distributed.tensor import Replicate, Shard
