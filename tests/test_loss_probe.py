@@ -173,6 +173,31 @@ def test_loss_probe_reports_the_damping_it_applies(estimator):
     assert opt.damping_factors()[0].item() == pytest.approx(math.exp(-2.5 * rho), rel=1e-6)
 
 
+def test_loss_probe_damps_the_adamw_update_by_the_reported_gamma():
+    """With probe="loss" the update is AdamW's scaled by gamma = damping_factors() (weight decay
+    off, one step: the Adam term alone), while probe="off" takes AdamW's full step."""
+    w0 = 0.5 + 1e-4 * torch.randn(8, generator=torch.Generator().manual_seed(10))
+    deltas = {}
+    for probe in ("loss", "off"):
+        w = torch.nn.Parameter(w0.clone())
+        opt = SAdam([w], lr=1e-2, weight_decay=0.0, damping=2.0, probe=probe, probes=3,
+                    backend="torch")
+
+        def closure(backward=True, w=w, opt=opt):
+            loss = (w - 0.5).abs().sum()
+            if backward:
+                opt.zero_grad()
+                loss.backward()
+            return loss
+
+        opt.step(closure)
+        deltas[probe] = (w.detach() - w0, opt.damping_factors()[0].item())
+    adamw = deltas["off"][0]  # Adam's first step: -lr * sign(g), up to eps
+    gamma = deltas["loss"][1]
+    assert 0 < gamma < 0.5 and deltas["off"][1] == 1.0
+    torch.testing.assert_close(deltas["loss"][0], gamma * adamw, rtol=1e-4, atol=1e-7)  # fp32 w - w0
+
+
 def test_closure_returning_nothing_is_named_and_a_non_finite_loss_skips_the_probe():
     x = torch.nn.Parameter(torch.randn(5))
     opt = SAdam([x], probe="loss", backend="torch")
