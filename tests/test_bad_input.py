@@ -96,6 +96,30 @@ def test_invalid_parameters_and_loss_groups_messages_are_exact():
         "together), got 0.01 and 0.5")
 
 
+@pytest.mark.parametrize("bad_grad,message", [
+    (torch.zeros(4), "gradient of param 0 of group 0 has shape (4,), the parameter (3,)"),
+    (torch.zeros(3, dtype=torch.int64),
+     "gradient of param 0 of group 0 must be real floating point, got torch.int64"),
+    (torch.zeros(3, dtype=torch.complex64),
+     "gradient of param 0 of group 0 must be real floating point, got torch.complex64"),
+    pytest.param("cuda", "gradient of param 0 of group 0 is on cuda:0, the parameter on cpu",
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                          reason="needs a CUDA device for the gradient")),
+], ids=["shape", "integer", "complex", "device"])
+def test_a_gradient_that_does_not_fit_is_named_before_anything_changes(bad_grad, message):
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SAdam([p], backend="torch")
+    p.grad = torch.zeros(3)
+    if isinstance(bad_grad, str):  # a device: the gradient lives there
+        bad_grad = torch.zeros(3, device="cuda")
+    p.grad.data = bad_grad  # what autograd would never produce, a buggy hook might
+    snap = snapshot(opt, [p])
+    with pytest.raises(RuntimeError) as error:
+        opt.step()
+    assert str(error.value) == message
+    assert_unchanged(opt, [p], snap)
+
+
 def test_invalid_hyperparameter_in_a_param_group():
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = SAdam([p])
