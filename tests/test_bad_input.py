@@ -34,6 +34,8 @@ EXACT_MESSAGES = [  # the documented form: "<argument> <requirement>, got <value
      "lr as a Tensor must be real, got torch.complex64"),
     (dict(lr="fast"), "lr must be a real number or a one-element Tensor, got 'fast'"),
     (dict(betas=(0.9,)), "betas must be a pair, got (0.9,)"),
+    (dict(betas=0.9), "betas must be a pair, got 0.9"),
+    (dict(betas=("fast", 0.9)), "betas[0] must be a real number or a one-element Tensor, got 'fast'"),
     (dict(betas=(1.0, 0.999)), "betas[0] must be in [0, 1), got 1.0"),
     (dict(betas=(0.9, -0.1)), "betas[1] must be in [0, 1), got -0.1"),
     (dict(eps=-1e-8), "eps must be >= 0, got -1e-08"),
@@ -118,6 +120,15 @@ def test_a_gradient_that_does_not_fit_is_named_before_anything_changes(bad_grad,
         opt.step()
     assert str(error.value) == message
     assert_unchanged(opt, [p], snap)
+
+
+def test_a_0d_tensor_lr_is_kept_as_given_like_adamw():
+    """A 0-d tensor lr is the group's lr itself (a scheduler may hold and fill it), as in
+    torch's AdamW."""
+    lr = torch.tensor(1e-3)
+    for cls in (SAdam, torch.optim.AdamW):
+        opt = cls([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+        assert opt.param_groups[0]["lr"] is lr
 
 
 def test_invalid_hyperparameter_in_a_param_group():
