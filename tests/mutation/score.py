@@ -1,10 +1,12 @@
 """Per-module mutation score of the last ``mutmut run`` (run from the repository root).
 
 Prints killed / total per module and every mutant that was not killed, then fails (exit 1) if a
-surviving mutant is not listed as equivalent in docs/testing.md (a line that starts with
-``- `<mutant name>` ``). A timeout counts as killed (the mutant made the tests hang: caught).
-A mutant that mutmut reports "survived" or "no tests" but ``rank_tests.py`` saw killed by the
-multi-process tests counts as killed (its column says how many).
+surviving mutant is not explained in docs/mutation-survivors.md: a line ``- `<mutant name>`: ...``
+under its "## Equivalent" heading (no test can tell it from the original) or its "## CUDA only"
+heading (it differs only on CUDA tensors; the line names the GPU test that kills it, which skips
+here). A timeout counts as killed (the mutant made the tests hang: caught). A mutant that mutmut
+reports "survived" or "no tests" but ``rank_tests.py`` saw killed by the multi-process tests
+counts as killed (its column says how many).
 """
 import json
 import re
@@ -13,7 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-DOC = Path("docs/testing.md")
+DOC = Path("docs/mutation-survivors.md")
+EXPLAINED = ("Equivalent", "CUDA only")
 RANK_VERDICTS = Path("mutants/rank-tests.json")
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
@@ -27,14 +30,25 @@ def mutant_results():
             yield name, status
 
 
+def explained_in_doc():
+    """{mutant: heading} of the lines under the doc's "## Equivalent" and "## CUDA only"."""
+    explained, heading = {}, None
+    for line in DOC.read_text().splitlines() if DOC.exists() else []:
+        if line.startswith("## "):
+            heading = line[3:].strip()
+        match = re.match(r"- `([^`]+__mutmut_\d+)`", line)
+        if match and heading in EXPLAINED:
+            explained[match.group(1)] = heading
+    return explained
+
+
 def module_of(mutant: str) -> str:
     """sadam.backends.reference.x_update__mutmut_3 -> sadam.backends.reference"""
     return mutant.split(".x")[0] if ".x" in mutant else mutant.rsplit(".", 1)[0]
 
 
 def main(argv):
-    listed = set(re.findall(r"^- `([^`]+__mutmut_\d+)`", DOC.read_text(), re.M)) \
-        if DOC.exists() else set()
+    listed = explained_in_doc()
     rank_verdicts = json.loads(RANK_VERDICTS.read_text()) if RANK_VERDICTS.exists() else {}
     modules = defaultdict(lambda: [0, 0])
     by_ranks = defaultdict(int)
@@ -56,14 +70,16 @@ def main(argv):
             equivalent.append((name, status))
         else:
             unexplained.append((name, status))
-    print("| module | killed / total | of which by the multi-process tests "
-          "| equivalent (docs/testing.md) | not killed, unexplained |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| module | killed / total | of which by the multi-process tests | equivalent "
+          "| CUDA only | not killed, unexplained | not checked |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for module in sorted(modules):
         killed, total = modules[module]
-        eq = sum(1 for n, _ in equivalent if module_of(n) == module)
+        why = [listed[n] for n, _ in equivalent if module_of(n) == module]
         bad = sum(1 for n, _ in unexplained if module_of(n) == module)
-        print(f"| {module} | {killed} / {total} | {by_ranks[module]} | {eq} | {bad} |")
+        unchecked = sum(1 for n in not_run if module_of(n) == module)
+        print(f"| {module} | {killed} / {total} | {by_ranks[module]} | "
+              f"{why.count('Equivalent')} | {why.count('CUDA only')} | {bad} | {unchecked} |")
     for name, status in unexplained:
         print(f"NOT EXPLAINED {status}: {name}   (python -m mutmut show {name})")
     if not_run:
