@@ -33,6 +33,18 @@ def _closure_for(param, loss_fn, calls=None):
     return closure
 
 
+def _keyword_closure(opt, loss_fn):
+    """A closure with the ``backward`` keyword: evaluates ``loss_fn()``, and backpropagates it
+    (after ``opt.zero_grad()``) only when asked."""
+    def closure(backward=True):
+        loss = loss_fn()
+        if backward:
+            opt.zero_grad()
+            loss.backward()
+        return loss
+    return closure
+
+
 def _probe_once(x0, loss_fn, backend="torch", **kwargs):
     x = torch.nn.Parameter(x0.clone())
     opt = SAdam([x], lr=0.0, weight_decay=0.0, probe="loss", backend=backend, **kwargs)
@@ -88,12 +100,7 @@ def test_symmetric_estimator_probes_exactly_the_parameters_with_gradients():
     opt = SAdam([x, s, unused], lr=0.0, weight_decay=0.0, probe="loss", probes=k,
                 probe_delta=delta, backend="torch")
 
-    def closure(backward=True):
-        loss = 0.5 * b * ((x * x).sum() + (s * s).sum())
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
+    closure = _keyword_closure(opt, lambda: 0.5 * b * ((x * x).sum() + (s * s).sum()))
 
     x0 = torch.cat([x.detach(), s.detach()]).double()
     opt.step(closure)
@@ -116,12 +123,7 @@ def test_a_loss_group_without_gradients_has_rho_zero(estimator):
     opt = SAdam(groups, lr=0.0, weight_decay=0.0, probe="loss", probes=3,
                 probe_estimator=estimator, backend="torch")
 
-    def closure(backward=True):
-        loss = (w - 0.5).abs().sum()
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
+    closure = _keyword_closure(opt, lambda: (w - 0.5).abs().sum())
 
     opt.step(closure)
     assert frozen.grad is None and opt.lgi()[0].item() == 0.0
@@ -159,12 +161,7 @@ def test_loss_probe_reports_the_damping_it_applies(estimator):
     opt = SAdam([w], lr=1e-3, damping=2.5, probe="loss", probes=3, probe_estimator=estimator,
                 backend="torch")
 
-    def closure(backward=True):
-        loss = (w - 0.5).abs().sum()
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
+    closure = _keyword_closure(opt, lambda: (w - 0.5).abs().sum())
 
     for _ in range(2):
         opt.step(closure)
@@ -183,12 +180,7 @@ def test_loss_probe_damps_the_adamw_update_by_the_reported_gamma():
         opt = SAdam([w], lr=1e-2, weight_decay=0.0, damping=2.0, probe=probe, probes=3,
                     backend="torch")
 
-        def closure(backward=True, w=w, opt=opt):
-            loss = (w - 0.5).abs().sum()
-            if backward:
-                opt.zero_grad()
-                loss.backward()
-            return loss
+        closure = _keyword_closure(opt, lambda: (w - 0.5).abs().sum())
 
         opt.step(closure)
         deltas[probe] = (w.detach() - w0, opt.damping_factors()[0].item())
@@ -280,12 +272,7 @@ def test_directions_estimator_one_rho_per_param_group(backend):
     opt = SAdam([{"params": [x]}, {"params": [y]}], lr=0.0, weight_decay=0.0, probe="loss",
                 probe_estimator="directions", probes=k, seed=9, backend=backend)
 
-    def closure(backward=True):
-        loss = (a * x).sum() + (b * y).sum()
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
+    closure = _keyword_closure(opt, lambda: (a * x).sum() + (b * y).sum())
 
     opt.step(closure)
     rho_x, rho_y = (r.item() for r in opt.lgi())
@@ -612,12 +599,8 @@ def test_cuda_random_state_continues_as_without_probes(estimator):
     opt = SAdam([w], lr=0.0, weight_decay=0.0, probe="loss", probes=3, probe_estimator=estimator,
                 backend="torch")
 
-    def closure(backward=True):
-        loss = torch.nn.functional.dropout(w, 0.5).square().sum()
-        if backward:
-            opt.zero_grad()
-            loss.backward()
-        return loss
+    closure = _keyword_closure(opt,
+                               lambda: torch.nn.functional.dropout(w, 0.5).square().sum())
 
     torch.cuda.manual_seed(11)
     opt.step(closure)

@@ -25,6 +25,15 @@ def one_process(names):
     return plain, emas, report
 
 
+def assert_rank_equals_one_process(result, plain, emas, report):
+    """A rank's record against one process: the norm's EMA at every step, the smoothing firing
+    with the same ranks k, and the full smoothed weights."""
+    assert result["emas"] == pytest.approx(emas, rel=1e-6)
+    assert result["fired"] and result["ks"] == [m.k for m in report.matrices]
+    for name, p in plain.items():
+        torch.testing.assert_close(result["full"][name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_pss_on_two_ranks_with_uneven_shards_equals_one_process(pss_two_ranks):
     """The gradient norm is all-reduced over the shards (the EMA equals the unsharded one on
     every rank), the smoothing fires on the same spike with the same ranks, and each rank
@@ -33,10 +42,8 @@ def test_pss_on_two_ranks_with_uneven_shards_equals_one_process(pss_two_ranks):
     plain, emas, report = one_process(W.PSS_SHAPES)
     for rank, record in enumerate(ranks):
         result = record["pss"]
-        assert result["emas"] == pytest.approx(emas, rel=1e-6)
-        assert result["fired"] and result["ks"] == [m.k for m in report.matrices]
+        assert_rank_equals_one_process(result, plain, emas, report)
         for name, p in plain.items():
-            torch.testing.assert_close(result["full"][name], p.detach(), rtol=1e-5, atol=1e-6)
             rows = p.shape[0]
             if W.PSS_SHAPES[name][1] == "shard":
                 first = (rows + 1) // 2  # torch.chunk: the first rank takes the larger half
@@ -58,10 +65,7 @@ def test_pss_with_shards_on_two_one_dim_meshes_counts_each_element_once(pss_two_
     plain, emas, report = one_process(W.PSS_TWO_MESHES)
     for rank, record in enumerate(pss_two_ranks):
         result = record["pss_two_meshes"]
-        assert result["emas"] == pytest.approx(emas, rel=1e-6)
-        assert result["fired"] and result["ks"] == [m.k for m in report.matrices]
-        for name, p in plain.items():
-            torch.testing.assert_close(result["full"][name], p.detach(), rtol=1e-5, atol=1e-6)
+        assert_rank_equals_one_process(result, plain, emas, report)
         rows = slice(0, 4) if rank == 0 else slice(4, 7)  # 7 rows split 4 + 3 over "replicate"
         torch.testing.assert_close(result["local"]["uneven"], plain["uneven"].detach()[rows],
                                    rtol=1e-5, atol=1e-6)

@@ -105,6 +105,16 @@ def _stepped(backend="torch", steps=3, **kw):
     return params, opt
 
 
+def _step_both(opt, params, twin, twin_params, steps=2):
+    """Step ``opt`` and ``twin`` on the same random gradients (each on its parameter's device)."""
+    for _ in range(steps):
+        for p, q in zip(params, twin_params):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.to(q.device, copy=True)
+        opt.step()
+        twin.step()
+
+
 def _set(index, key, value):
     return lambda sd: sd["state"][index].__setitem__(key, value)
 
@@ -193,12 +203,7 @@ def test_old_step_forms_load_as_the_fp32_tensor_and_resume_identically(kind):
     for p in twin_params:
         step = twin.state[p]["step"]
         assert step.dtype == torch.float32 and step.shape == () and float(step) == 3.0
-    for _ in range(2):
-        for p, q in zip(params, twin_params):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        twin.step()
+    _step_both(opt, params, twin, twin_params)
     for p, q in zip(params, twin_params):
         assert torch.equal(p, q)
 
@@ -409,12 +414,7 @@ def test_cpu_checkpoint_loads_onto_cuda_parameters_and_resumes():
             assert value.device == p.device, name
     assert "probe_stats" in other.state[cuda_params[0]]
     assert "ema_of_grad_norm" in other.state[cuda_params[1]]
-    for _ in range(2):
-        for p, q in zip(params, cuda_params):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.cuda()
-        opt.step()
-        other.step()
+    _step_both(opt, params, other, cuda_params)
     for p, q in zip(params, cuda_params):
         assert_params_close(q.cpu(), p)
 
