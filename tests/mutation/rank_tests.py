@@ -13,6 +13,7 @@ names it (``sadam.pss_trigger.x_grad_norm``).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,10 +28,14 @@ PYTEST = ["-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--rootdir=.", "
 
 def rank_tests_for(mutant: str):
     """The multi-process test files whose ranks run the mutated function (None: none do)."""
+    function = mutant.split(".x", 1)[-1]
     if mutant.startswith("sadam.pss"):
         return ["tests/test_pss_distributed.py"]
-    if mutant.startswith("sadam.distributed.zero") or "zero" in mutant.split(".x", 1)[-1]:
+    # the ZeRO glue and SAdam's ZeRO methods (_step_zero_group; not any_nonzero)
+    if mutant.startswith("sadam.distributed.zero") or re.search(r"(?<![a-z])zero", function):
         return ["tests/test_deepspeed_zero.py"]
+    if "load_state_dict" in function:  # ZeRO's checkpoint test reloads its declared groups
+        return ["tests/test_distributed.py", "tests/test_deepspeed_zero.py"]
     if mutant.startswith(("sadam.loss_probe", "sadam._loss_directions")):
         return None  # the distributed tests use the gradient probe only
     return ["tests/test_distributed.py"]
