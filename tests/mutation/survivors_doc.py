@@ -1,0 +1,105 @@
+"""Rewrite docs/mutation-survivors.md from the last mutation run, keeping the reasons it already has.
+
+Run from the repository root after ``make mutation``. Each mutant that is still alive (mutmut says
+"survived" or "no tests" and ``rank_tests.py`` did not see it killed) keeps its line and section
+from the current doc; one the doc does not know yet goes under "Not resolved" as not classified,
+for a person to kill with a test or explain. Mutants that are now killed drop out, except the ones
+the multi-process tests killed, which are listed with the test that did it. A line under "Killed
+by tests added after the measured run" whose mutant mutmut now reports killed drops out as well.
+"""
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from score import DOC, RANK_VERDICTS, module_of, mutant_results  # noqa: E402
+
+# Sections a person writes; the generated ones are rebuilt from the run.
+KEPT = ("Equivalent", "CUDA only", "Killed by tests added after the measured run", "Not resolved")
+RANKS_KILLED = "Killed by the multi-process tests"
+NO_TESTS = "No test in the test process"
+INTROS = {
+    RANKS_KILLED: "mutmut's per-function selection cannot see calls made in rank subprocesses; "
+    "`tests/mutation/rank_tests.py` reran these mutants through the multi-process tests and "
+    "recorded the kill in `mutants/rank-tests.json`, which the score counts.",
+    "Killed by tests added after the measured run": "mutmut still reports these alive: the test "
+    "named on each line was added after mutmut last ran the mutant. Each kill was checked by "
+    "running that test with the mutant active (`MUTANT_UNDER_TEST=NAME` from `mutants/`, with the "
+    "unmutated control passing); the next `make mutation` counts them as killed.",
+    NO_TESTS: "No test in the test process calls these functions: DeepSpeed ZeRO code runs only in "
+    "the ranks of `tests/test_deepspeed_zero.py`. `rank_tests.py` judges them through it (about "
+    "30 s a launch on two cores); these have no verdict from it yet.",
+}
+
+
+def natural(name):
+    function, number = name.rsplit("__mutmut_", 1)
+    return function, int(number)
+
+
+def read_doc(text):
+    """(preamble, {mutant: (section, reason)}) of the current doc."""
+    preamble, lines, section = [], {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+            continue
+        if section is None:
+            preamble.append(line)
+            continue
+        match = re.match(r"- `([^`]+__mutmut_\d+)`: (.*)", line)
+        if match and section in KEPT:
+            lines[match.group(1)] = (section, match.group(2))
+    return "\n".join(preamble).rstrip("\n"), lines
+
+
+def main():
+    preamble, known = read_doc(DOC.read_text())
+    ranks = json.loads(RANK_VERDICTS.read_text()) if RANK_VERDICTS.exists() else {}
+    sections = {name: [] for name in (*KEPT, RANKS_KILLED)}
+    no_tests = Counter()
+    for name, status in sorted(mutant_results(), key=lambda item: natural(item[0])):
+        if status not in ("survived", "no tests"):
+            continue
+        verdict = ranks.get(name, {})
+        if verdict.get("verdict") == "killed":
+            sections[RANKS_KILLED].append(f"- `{name}`: killed by {' '.join(verdict['tests'])}")
+        elif name in known:
+            section, reason = known[name]
+            sections[section].append(f"- `{name}`: {reason}")
+        elif status == "no tests":
+            no_tests[natural(name)[0]] += 1
+        else:
+            sections["Not resolved"].append(f"- `{name}`: not classified yet")
+    parts = [preamble]
+    for section in (*KEPT[:2], RANKS_KILLED, *KEPT[2:]):
+        intro = INTROS.get(section)
+        parts.append(f"## {section}\n" + (f"\n{intro}\n" if intro else "")
+                     + "\n" + "\n".join(sections[section] or ["None."]))
+    parts.append(f"## {NO_TESTS}\n\n{INTROS[NO_TESTS]}\n\n" + "\n".join(
+        f"- `{function}`: {count} mutants" for function, count in sorted(no_tests.items()))
+        if no_tests else f"## {NO_TESTS}\n\nNone.")
+    DOC.write_text("\n\n".join(parts) + "\n")
+    print_counts(sections, no_tests)
+
+
+def print_counts(sections, no_tests):
+    """Per module, how many of its live mutants each section holds (a markdown table)."""
+    order = (RANKS_KILLED, *KEPT[2:3], *KEPT[:2], KEPT[3])
+    counts = {section: Counter(module_of(re.match(r"- `([^`]+)`", line).group(1))
+                               for line in sections[section]) for section in order}
+    counts[NO_TESTS] = Counter()
+    for function, count in no_tests.items():
+        counts[NO_TESTS][module_of(function + "__mutmut_0")] += count
+    modules = sorted(set().union(*counts.values()))
+    print("| module | " + " | ".join(s.lower() for s in counts) + " |")
+    print("| --- |" + " --- |" * len(counts))
+    for module in modules:
+        print(f"| `{module}` | " + " | ".join(str(c[module]) for c in counts.values()) + " |")
+    print("| all | " + " | ".join(str(sum(c.values())) for c in counts.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
