@@ -9,6 +9,7 @@ row (the second rank's shard is empty); the odd model (``ODD_CONFIGS``) has Line
 and 1 rows, each sharded on its own. The loss is L1 (a kink), so rho moves away from 0.
 """
 import copy
+import datetime
 import os
 import sys
 
@@ -177,6 +178,39 @@ def run_unsupported_placement():
     return dict(error=None)
 
 
+# at an lr-0 first step only rank 0's rows have a nonzero gradient (rows 0-1 of 4)
+LR_ZERO_GRAD = torch.cat([torch.arange(1.0, 7.0).view(2, 3), torch.zeros(2, 3)])
+
+
+def run_lr_zero_first_step(rank):
+    """An lr-0 first step without a closure looks like DCP's state creation until a gradient is
+    nonzero; whether one is must be agreed over each parameter's mesh, or the ranks take
+    different branches around the probe's collective. On a world mesh and on HSDP's 2-D mesh
+    every rank takes the real step, as one process does. On the 1-rank sub-meshes of a (2, 1)
+    mesh each rank decides alone: rank 1, whose gradient is zero, only creates the state."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    world = init_device_mesh("cpu", (WORLD,))
+    hsdp = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    alone = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("ranks", "alone"))["alone"]
+    layouts = {
+        "world": lambda t: distribute_tensor(t, world, [Shard(0)]),
+        "hsdp": lambda t: distribute_tensor(t, hsdp, [Replicate(), Shard(0)]),
+        # each rank's own 1-rank mesh holds that rank's half of the rows
+        "alone": lambda t: DTensor.from_local(t.chunk(WORLD)[rank].clone(), alone, [Shard(0)]),
+    }
+    results = {}
+    for name, layout in layouts.items():
+        p = nn.Parameter(layout(torch.ones(4, 3)))
+        p.grad = layout(LR_ZERO_GRAD.clone())
+        opt = sadam.SAdam([p], lr=0.0, backend="torch")
+        opt.step()
+        state = opt.state[p]
+        results[name] = dict(step=float(state["step"]), exp_avg=state["exp_avg"].to_local().clone(),
+                             param=p.to_local().detach().clone())
+    return results
+
+
 # ------------------------------------------------------------------------------------- PSS
 PSS_SHAPES = {"uneven": ((7, 5), "shard"), "one_row_each": ((3, 4), "shard"),
               "vector": ((5,), "shard"), "replicated": ((6, 6), "replicate")}
@@ -261,8 +295,10 @@ def launch(out, scenarios, timeout_s=300):
 def main(out):
     import torch.distributed as dist
     rank = int(os.environ["RANK"])
+    # a rank left waiting in a collective the other never enters fails in 2 minutes, not 30
     dist.init_process_group("gloo", init_method=f"file://{os.environ['STORE']}", rank=rank,
-                            world_size=int(os.environ["WORLD_SIZE"]))
+                            world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=datetime.timedelta(seconds=120))
     results = {}
     scenarios = os.environ.get("SADAM_WORKER_SCENARIOS", "optimizer,kernels")
     if "optimizer" in scenarios:
@@ -274,6 +310,7 @@ def main(out):
             results[f"fsdp_{config}"] = run_fsdp(rank, out, config)
         results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
         results["shard_dim_1"] = run_unsupported_placement()
+        results["lr_zero_first_step"] = run_lr_zero_first_step(rank)
     if "kernels" in scenarios:
         for backend in sadam.available_backends("cpu"):
             if backend != "torch":  # kernel rows: sharded offsets on every backend

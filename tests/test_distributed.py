@@ -174,6 +174,28 @@ def test_lr_zero_first_step_with_real_gradients_still_steps():
         assert float(opt.state[p]["step"]) == 1
 
 
+@pytest.mark.parametrize("mesh", ["world", "hsdp", "alone"])
+def test_lr_zero_first_step_with_one_rank_nonzero_takes_the_real_step_on_every_rank(two_ranks,
+                                                                                      mesh):
+    """Only rank 0's rows have a nonzero gradient at an lr-0 first step: the ranks of a mesh
+    agree on it and all take the real step (count 1, moments moved) that one process takes. On
+    the 1-rank sub-meshes of "alone" no rank shares a mesh: rank 1's zero shard only creates
+    its state (count 0), as a one-process optimizer of that shard alone does."""
+    _, ranks = two_ranks
+    full = torch.ones(4, 3, requires_grad=True)
+    full.grad = W.LR_ZERO_GRAD.clone()
+    one_process = sadam.SAdam([full], lr=0.0, backend="torch")
+    one_process.step()
+    expected_exp_avg = one_process.state[full]["exp_avg"].chunk(W.WORLD)
+    assert expected_exp_avg[0].any() and not expected_exp_avg[1].any()
+    for rank, record in enumerate(ranks):
+        result = record["lr_zero_first_step"][mesh]
+        real_step = mesh != "alone" or rank == 0
+        assert result["step"] == (1.0 if real_step else 0.0)
+        torch.testing.assert_close(result["exp_avg"], expected_exp_avg[rank], rtol=0, atol=0)
+        assert torch.equal(result["param"], torch.ones(2, 3))
+
+
 def test_dtensor_sharded_on_dim_1_is_rejected_before_any_change(two_ranks):
     _, ranks = two_ranks
     for record in ranks:
