@@ -3,7 +3,7 @@ two-rank tests in test_distributed.py run the same rules across ranks)."""
 import pytest
 import torch
 
-from _single_rank import single_rank_world  # noqa: F401 (fixture)
+from _single_rank import single_rank_nccl_world, single_rank_world  # noqa: F401 (fixtures)
 from _unchanged import assert_unchanged, snapshot
 from sadam import SAdam
 
@@ -42,3 +42,21 @@ def test_a_replicated_dtensor_steps_like_a_plain_tensor(single_rank_world):
     for opt in (SAdam([p], backend="torch", probe_lag=0), SAdam([q], backend="torch", probe_lag=0)):
         opt.step()
     torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nonzero", [False, True])
+def test_lr_zero_first_step_on_an_nccl_mesh(single_rank_nccl_world, nonzero):
+    """Whether an lr-0 first step is DCP's state creation is agreed over the mesh with a flag
+    on the mesh's device: NCCL rejects a CPU tensor. A zero gradient only creates the state
+    (count 0), a nonzero one takes the real step (count 1)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    mesh = init_device_mesh("cuda", (1,))
+    p = _dtensor(mesh, [Shard(0)], torch.ones(4, 3, device="cuda"))
+    grad = torch.ones(4, 3, device="cuda") if nonzero else torch.zeros(4, 3, device="cuda")
+    p.grad = _dtensor(mesh, [Shard(0)], grad).detach()
+    opt = SAdam([p], lr=0.0, backend="torch")
+    opt.step()
+    assert float(opt.state[p]["step"]) == (1.0 if nonzero else 0.0)
+    assert torch.equal(p.full_tensor(), torch.ones(4, 3, device="cuda"))
