@@ -170,6 +170,35 @@ def test_loss_probe_reports_the_damping_it_applies(estimator):
     assert opt.damping_factors()[0].item() == pytest.approx(math.exp(-2.5 * rho), rel=1e-6)
 
 
+@pytest.mark.parametrize("damping_on", [None, "cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_loss_probe_damping_is_fp32_whatever_the_default_dtype(damping_on):
+    """gamma = exp(-damping * rho) is computed in fp32 on the parameters' device (spec: math in
+    fp32) under a float64 default dtype too: a float64 product rounds to different fp32 bits for
+    about 1 value in 7. A damping tensor on another device (damping_on) gives the same bits as
+    the number, so the exponential is taken where the statistics are, not on the GPU."""
+    damping = 0.3 if damping_on is None else torch.tensor(0.3, device=damping_on)
+    gen = torch.Generator().manual_seed(12)
+    ws = [torch.nn.Parameter(0.5 + 1e-3 * torch.randn(6, generator=gen)) for _ in range(4)]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt = SAdam([{"params": [w]} for w in ws], lr=1e-2, damping=damping, probe="loss",
+                    probes=3, backend="torch")
+        closure = _keyword_closure(opt, lambda: sum(((w - 0.5) ** 2).sum().sqrt() for w in ws))
+        applied, expected = [], []
+        for _ in range(8):
+            opt.step(closure)
+            rho = torch.stack([r.reshape(()) for r in opt.lgi()])
+            applied.append(torch.stack([g.reshape(()) for g in opt.damping_factors()]))
+            expected.append(torch.exp(-torch.tensor(0.3, dtype=torch.float32) * rho.float()))
+    finally:
+        torch.set_default_dtype(default)
+    applied, expected = torch.stack(applied), torch.stack(expected)
+    assert applied.dtype == torch.float32 and (expected < 1).all()
+    assert torch.equal(applied, expected)
+
+
 def test_loss_probe_damps_the_adamw_update_by_the_reported_gamma():
     """With probe="loss" the update is AdamW's scaled by gamma = damping_factors() (weight decay
     off, one step: the Adam term alone), while probe="off" takes AdamW's full step."""

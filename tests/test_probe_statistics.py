@@ -147,3 +147,29 @@ def test_lgi_before_any_step():
                 scope="tensor", backend="torch")
     assert opt.lgi()[0].tolist() == [0.0, 0.0]
     assert opt.damping_factors()[0].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("emit", ["directional_derivatives", "update"])
+def test_directional_derivatives_are_fp32_sums_whatever_the_default_dtype(emit):
+    """The reference sums d in fp32 (spec section 3) under a float64 default dtype too: both the
+    separate pass and the update that emits it. Three tensors share one group row, so a float64
+    row would round the sum differently."""
+    from _native_cases import clone, make_group, new_grads, step_of
+    from sadam.backends import reference
+
+    def d_of(group):
+        if emit == "update":
+            return reference.update(step_of(group), damped=False, emit_probe=True)
+        return reference.directional_derivatives(step_of(group))
+
+    group = make_group([(33,), (7, 5), (64,)], probes=8, scope="group")
+    new_grads(group, torch.Generator().manual_seed(3))
+    fp32_default = d_of(clone(group))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = d_of(clone(group))
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32 and torch.equal(got, fp32_default)
+
