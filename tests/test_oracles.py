@@ -172,6 +172,31 @@ def test_the_reference_on_cuda_tensors_matches_the_float64_oracle(config):
     _run_against_the_oracle("torch", torch.device("cuda"), config)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_reference_steps_one_group_on_the_cpu_and_a_gpu_like_one_on_the_cpu():
+    """The torch backend takes a param group on two devices (AdamW does): each tensor's
+    directional derivatives join the group's sums on the statistics' device."""
+    import spec_tolerance
+    gen = torch.Generator().manual_seed(4)
+    values = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    grads = [[torch.randn(v.shape, generator=gen) for v in values] for _ in range(3)]
+    results = []
+    for devices in (("cpu", "cpu"), ("cpu", "cuda")):
+        params = [torch.nn.Parameter(v.to(d)) for v, d in zip(values, devices)]
+        opt = sadam.SAdam(params, lr=1e-2, damping=2.0, scope="group", backend="torch")
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(p.device)
+            opt.step()
+        results.append(([p.detach().cpu() for p in params], opt.lgi()[0].cpu()))
+    (cpu_params, cpu_rho), (mixed_params, mixed_rho) = results
+    assert float(cpu_rho.max()) > 0  # the statistics moved
+    for actual, expected in zip(mixed_params, cpu_params):
+        spec_tolerance.assert_params_close(actual, expected)
+    spec_tolerance.assert_rho_close(mixed_rho, cpu_rho)
+
+
 def _run_against_the_oracle(backend, device, config):
     hyper = dict(HYPER, amsgrad=False, maximize=False)
     hyper.update(CONFIGS[config])
