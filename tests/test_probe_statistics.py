@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import _backends
 from sadam import SAdam
 
 BETA = 0.9
@@ -173,3 +174,44 @@ def test_directional_derivatives_are_fp32_sums_whatever_the_default_dtype(emit):
         torch.set_default_dtype(default)
     assert got.dtype == torch.float32 and torch.equal(got, fp32_default)
 
+
+
+@pytest.mark.parametrize("backend", _backends.params())
+@pytest.mark.parametrize("config", [
+    dict(scope="group"), dict(scope="tensor", probe_lag=0, amsgrad=True), dict(probe="loss"),
+    dict(probe="loss", probe_estimator="symmetric")], ids=["group", "tensor-lag0", "loss",
+                                                           "loss-symmetric"])
+def test_a_float64_default_dtype_changes_no_bit(backend, config):
+    """Every number SAdam computes is fp32 (spec section 1) whatever torch's default dtype: five
+    steps under a float64 default give the same parameters, rho and gamma, bit for bit."""
+    device = _backends.device_of(backend)
+
+    def run():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32)
+                                     .to(device)) for shape in ((40,), (7, 3), (64,))]
+        opt = SAdam(params, lr=1e-2, weight_decay=1e-2, backend=backend, **config)
+
+        def closure():
+            opt.zero_grad()
+            loss = sum((p - 0.3).abs().sum() for p in params)
+            loss.backward()
+            return loss
+        for _ in range(5):
+            if config.get("probe") == "loss":
+                opt.step(closure)
+                continue
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device)
+            opt.step()
+        return [t.detach().clone() for t in (*params, *opt.lgi(), *opt.damping_factors())]
+
+    expected = run()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = run()
+    finally:
+        torch.set_default_dtype(default)
+    assert all(a.dtype == torch.float32 and torch.equal(a, e) for a, e in zip(got, expected))
+    assert float(expected[3].max()) > 0  # rho moved
