@@ -186,6 +186,53 @@ def test_broken_state_is_refused_naming_the_key_before_anything_changes(case):
     assert_unchanged(opt, params, snap)
 
 
+def _meta_twin(params, **kw):
+    """An optimizer of meta-device parameters shaped like ``params`` (deferred initialisation:
+    the model is built on the meta device and its checkpoint loaded before it is materialised)."""
+    meta = [torch.nn.Parameter(torch.empty(p.shape, device="meta")) for p in params]
+    return meta, SAdam(meta, lr=1e-2, backend="torch", **kw)
+
+
+def test_a_state_dict_loads_onto_meta_parameters_like_adamw():
+    """AdamW loads a checkpoint onto meta-device parameters (its moments become meta tensors of
+    the same shapes); SAdam does too, checking the saved values where they are. A meta state
+    dict, which has no values to check, loads as well."""
+    params, opt = _stepped(amsgrad=True)
+    sd = opt.state_dict()
+    meta, loaded = _meta_twin(params, amsgrad=True)
+    loaded.load_state_dict(sd)
+    adamw = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params],
+                              amsgrad=True)
+    for p in adamw.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    adamw_meta = [torch.nn.Parameter(torch.empty(p.shape, device="meta")) for p in params]
+    adamw_loaded = torch.optim.AdamW(adamw_meta, amsgrad=True)
+    adamw_loaded.load_state_dict(adamw.state_dict())
+    for p, q, a in zip(params, meta, adamw_meta):
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            got, torch_got = loaded.state[q][key], adamw_loaded.state[a][key]
+            assert (got.device, got.shape, got.dtype) == (torch_got.device, p.shape,
+                                                          torch_got.dtype)
+        assert set(loaded.state[q]) == set(opt.state[p])
+    _, from_meta = _meta_twin(params, amsgrad=True)
+    from_meta.load_state_dict(loaded.state_dict())
+    assert all(v.device.type == "meta" for s in from_meta.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def test_a_broken_state_dict_is_refused_before_meta_parameters_take_it():
+    """The checks read the saved values, not the meta copies: a negative second moment is still
+    refused, and nothing is loaded."""
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg_sq"][0, 0] = -1.0
+    _, loaded = _meta_twin(params)
+    with pytest.raises(ValueError, match="exp_avg_sq.*negative"):
+        loaded.load_state_dict(sd)
+    assert not loaded.state
+
+
 CONVERTED_STEPS = {"float": 3.0, "int": 3, "int64 tensor": torch.tensor(3),
                    "float64 tensor": torch.tensor(3.0, dtype=torch.float64),
                    "1-element tensor": torch.tensor([3.0])}
