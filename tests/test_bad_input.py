@@ -45,6 +45,11 @@ EXACT_MESSAGES = [  # the documented form: "<argument> <requirement>, got <value
     (dict(eps=torch.tensor(0.5)), "eps must be a float, got tensor(0.5000)"),
     (dict(weight_decay=-0.1), "weight_decay must be >= 0, got -0.1"),
     (dict(damping=float("inf")), "damping must be a finite number >= 0, got inf"),
+    (dict(damping="strong"),
+     "damping must be a real number or a one-element Tensor, got 'strong'"),
+    (dict(probe_beta=None), "probe_beta must be a real number or a one-element Tensor, got None"),
+    (dict(probe_delta="small"),
+     "probe_delta must be a real number or a one-element Tensor, got 'small'"),
     (dict(probes=0), "probes must be an integer in [1, 32], got 0"),
     (dict(probe="hessian"), f"probe must be one of {GROUPS[0]}, got 'hessian'"),
     (dict(probe_beta=1.0), "probe_beta must be a float in [0, 1), got 1.0"),
@@ -99,6 +104,22 @@ def test_invalid_parameters_and_loss_groups_messages_are_exact():
                     {"params": [ok], "probe_delta": 0.5}], probe="loss") == (
         "probe_delta must be the same in every param group with probe='loss' (they are probed "
         "together), got 0.01 and 0.5")
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(lr=0.0, betas=(0.0, 0.0), eps=0.0, weight_decay=0.0, damping=0.0, probe_beta=0.0,
+         probes=1, seed=0, probe_window=2),
+    dict(probes=32, seed=2 ** 32 - 1, probe_lag=0),
+    dict(probe="loss", probes=1, probe_every=1),
+], ids=["lower", "upper", "loss-lower"])
+def test_the_closed_ends_of_every_range_are_accepted(kwargs):
+    """Each range's closed end is a setting like any other (AdamW takes lr=0, betas=(0, 0) and
+    eps=0): construction and a step succeed, with a finite result."""
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = SAdam([p], backend="torch", **kwargs)
+    p.grad = torch.ones(3)
+    opt.step((lambda: p.sum()) if kwargs.get("probe") == "loss" else None)
+    assert torch.isfinite(p).all() and float(opt.state[p]["step"]) == 1
 
 
 @pytest.mark.parametrize("bad_grad,message", [
