@@ -24,10 +24,16 @@ def _is_real_float(t: torch.Tensor) -> bool:
     return t.is_floating_point()  # False for complex, integer and bool tensors
 
 
-def _has_values(t: torch.Tensor) -> bool:
-    """False for a meta tensor: it has a shape and a dtype but no values to check (a meta
-    state dict loads unchecked, as into torch's AdamW)."""
-    return t.device.type != "meta"
+def _has_values(t: torch.Tensor, p, what: str) -> bool:
+    """False for a meta tensor, which has a shape and a dtype but no values to check: onto a
+    meta parameter it loads unchecked, as into torch's AdamW; a parameter with values cannot
+    take it."""
+    if t.device.type != "meta":
+        return True
+    if p.device.type != "meta":
+        raise ValueError(f"{what} is a meta tensor, which holds no values for a parameter on "
+                         f"{p.device}")
+    return False
 
 
 def _convert_step(value, p, where):
@@ -35,7 +41,7 @@ def _convert_step(value, p, where):
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"state 'step' of {where} must be a number or a one-element real "
                              f"tensor, got a {value.dtype} tensor of shape {tuple(value.shape)}")
-        if not _has_values(value):
+        if not _has_values(value, p, f"state 'step' of {where}"):
             return value.detach().to(device=p.device, dtype=torch.float32).reshape(())
         number = float(value.detach().cpu())
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -55,7 +61,8 @@ def _convert_moment(name, value, p, state_dtype, where):
     if tuple(value.shape) != tuple(p.shape):
         raise ValueError(f"state {name!r} of {where} has shape {tuple(value.shape)}, the "
                          f"parameter {tuple(p.shape)}")
-    if name in _NONNEGATIVE_MOMENTS and _has_values(value) and bool((value < 0).any()):
+    has_values = _has_values(value, p, f"state {name!r} of {where}")
+    if has_values and name in _NONNEGATIVE_MOMENTS and bool((value < 0).any()):
         raise ValueError(f"state {name!r} of {where} holds negative values (a second moment "
                          "is >= 0)")
     return value.detach().to(device=p.device, dtype=state_dtype, copy=True)
@@ -71,7 +78,7 @@ def _convert_stats(value, p, group, where, scopes):
         raise ValueError(f"probe_stats of {where} has shape {tuple(value.shape)}, expected "
                          f"{expected} for scope={group['scope']!r}, probes={group['probes']}")
     stats = value.detach().to(torch.float32)  # checked where it is: p may be a meta tensor
-    if not _has_values(stats):
+    if not _has_values(stats, p, f"probe_stats of {where}"):
         return stats.to(device=p.device, copy=True)
     if not bool(torch.isfinite(stats).all()):
         raise ValueError(f"probe_stats of {where} holds non-finite values (in fp32)")

@@ -215,10 +215,31 @@ def test_a_state_dict_loads_onto_meta_parameters_like_adamw():
             assert (got.device, got.shape, got.dtype) == (torch_got.device, p.shape,
                                                           torch_got.dtype)
         assert set(loaded.state[q]) == set(opt.state[p])
+    meta_sd = loaded.state_dict()
+    meta_sd["state"][1]["step"] = torch.empty(1, dtype=torch.int64, device="meta")  # older form
     _, from_meta = _meta_twin(params, amsgrad=True)
-    from_meta.load_state_dict(loaded.state_dict())
-    assert all(v.device.type == "meta" for s in from_meta.state.values() for v in s.values()
-               if isinstance(v, torch.Tensor))
+    from_meta.load_state_dict(meta_sd)
+    for state in from_meta.state.values():
+        assert all(v.device.type == "meta" for v in state.values() if isinstance(v, torch.Tensor))
+        assert (state["step"].shape, state["step"].dtype) == ((), torch.float32)
+    assert from_meta.state[from_meta.param_groups[0]["params"][0]]["probe_stats"].dtype == \
+        torch.float32
+
+
+@pytest.mark.parametrize("key", ["step", "exp_avg", "exp_avg_sq", "probe_stats"])
+def test_a_meta_value_is_refused_by_a_parameter_with_values(key):
+    """A meta tensor has no values to give a real parameter's state (AdamW cannot copy out of
+    it either): refused, naming the key, before anything changes."""
+    params, opt = _stepped()
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0][key] = sd["state"][0][key].to("meta")
+    snap = snapshot(opt, params)
+    subject = "probe_stats" if key == "probe_stats" else f"state '{key}'"
+    with pytest.raises(ValueError) as error:
+        opt.load_state_dict(sd)
+    assert str(error.value) == (f"{subject} of parameter 0 (param group 0) is a meta tensor, "
+                                "which holds no values for a parameter on cpu")
+    assert_unchanged(opt, params, snap)
 
 
 def test_a_broken_state_dict_is_refused_before_meta_parameters_take_it():
