@@ -150,6 +150,16 @@ def test_lgi_before_any_step():
     assert opt.damping_factors()[0].tolist() == [1.0, 1.0]
 
 
+def test_lgi_before_any_step_is_on_the_parameters_device():
+    """Like the statistics a step creates, the fresh values lie on the parameters' device (meta
+    here: a model built for deferred initialisation); a group without parameters gives CPU
+    values."""
+    meta = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = SAdam([{"params": [meta]}, {"params": []}], backend="torch")
+    assert [r.device.type for r in opt.lgi()] == ["meta", "cpu"]
+    assert [g.device.type for g in opt.damping_factors()] == ["meta", "cpu"]
+
+
 @pytest.mark.parametrize("emit", ["directional_derivatives", "update"])
 def test_directional_derivatives_are_fp32_sums_whatever_the_default_dtype(emit):
     """The reference sums d in fp32 (spec section 3) under a float64 default dtype too: both the

@@ -167,6 +167,47 @@ def test_statistics_equal_float64_ema_computed_by_hand(backend, lag, scope, scal
     torch.testing.assert_close(torch.stack(applied), expected_applied, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_jump_of_2_to_the_130_rescales_the_statistics_exactly(backend, scope):
+    """Gradients 1e-30 for four steps, then 1e10: the old b moves down by 2**(2 * 130), past
+    the 2**252 that two fp32 power-of-two factors reach, and must underflow to 0, not wrap."""
+    require(backend)
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(30,), (9,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    probes, beta, seed = 8, 0.9, 11
+    opt = SAdam(params, backend=backend, scope=scope, probes=probes, probe_beta=beta, seed=seed)
+    grads = []
+    for scale in [1e-30] * 4 + [1e10] * 4:
+        step_grads = [(0.5 + torch.randn(s, generator=gen)) * scale for s in shapes]
+        grads.append(step_grads)
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    a, b, rhos = _float64_statistics(grads, probes, beta, scope, seed)
+    stats = opt.state[params[0]]["probe_stats"]
+    a_kept, b_kept = L.unscaled(stats, probes)
+    for kept, exact in ((a_kept, a), (b_kept, b)):
+        row_max = exact.abs().amax(1, keepdim=True)
+        assert ((kept - exact).abs() <= 1e-5 * row_max).all(), (kept, exact)
+    torch.testing.assert_close(stats[:, L.rho_col(probes)].double(), rhos[-1], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_window_redraw_from_2_down_to_subnormal_gradients_stays_finite(backend):
+    """At a redraw a and b restart from 0 while the scale exponent falls from 1 (|d| = 3) to
+    -127 (a subnormal d): b moves by 2**(2 * 128), and 0 times its factors must stay 0 (a factor
+    of 2**128 would be inf, and 0 * inf NaN). One element: |d| is the gradient's magnitude."""
+    require(backend)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = SAdam([p], backend=backend, probes=4, probe_window=2, lr=0.0)
+    for g in (3.0, 3.0, 1e-44, 1e-44):
+        p.grad = torch.tensor([g])
+        opt.step()
+        assert_sane(opt)
+
+
 def test_checkpoint_of_the_previous_layout_loads():
     """A (scopes, 2k + 5) probe_stats (no SCALE column, true a and b) loads as E = 0 and the run
     continues exactly as the one that saved it."""
