@@ -132,6 +132,19 @@ def _float64_statistics(grads, probes, beta, scope, seed):
     return a, b, torch.stack(rhos)
 
 
+def _assert_statistics_match_float64(opt, params, grads, probes, beta, scope, seed):
+    """a * 2**E and b * 2**(2E) within 1e-5 of each row's largest, and rho within 1e-4, of the
+    float64 statistics of ``grads``; returns the float64 rho of every step."""
+    a, b, rhos = _float64_statistics(grads, probes, beta, scope, seed)
+    stats = opt.state[params[0]]["probe_stats"]
+    a_kept, b_kept = L.unscaled(stats, probes)
+    for kept, exact in ((a_kept, a), (b_kept, b)):
+        row_max = exact.abs().amax(1, keepdim=True)
+        assert ((kept - exact).abs() <= 1e-5 * row_max).all(), (kept, exact)
+    torch.testing.assert_close(stats[:, L.rho_col(probes)].double(), rhos[-1], rtol=0, atol=1e-4)
+    return rhos
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lag", LAGS)
 @pytest.mark.parametrize("scope", SCOPES)
@@ -156,13 +169,7 @@ def test_statistics_equal_float64_ema_computed_by_hand(backend, lag, scope, scal
             p.grad = g.clone()
         opt.step()
         applied.append(opt.lgi()[0].reshape(-1).double())
-    a, b, rhos = _float64_statistics(grads, probes, beta, scope, seed)
-    stats = opt.state[params[0]]["probe_stats"]
-    a_kept, b_kept = L.unscaled(stats, probes)
-    for kept, exact in ((a_kept, a), (b_kept, b)):
-        row_max = exact.abs().amax(1, keepdim=True)
-        assert ((kept - exact).abs() <= 1e-5 * row_max).all(), (kept, exact)
-    torch.testing.assert_close(stats[:, L.rho_col(probes)].double(), rhos[-1], rtol=0, atol=1e-4)
+    rhos = _assert_statistics_match_float64(opt, params, grads, probes, beta, scope, seed)
     expected_applied = rhos if lag == 0 else torch.cat([torch.zeros(1, rhos.shape[1]), rhos[:-1]])
     torch.testing.assert_close(torch.stack(applied), expected_applied, rtol=0, atol=1e-4)
 
@@ -185,13 +192,7 @@ def test_a_jump_of_2_to_the_130_rescales_the_statistics_exactly(backend, scope):
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
-    a, b, rhos = _float64_statistics(grads, probes, beta, scope, seed)
-    stats = opt.state[params[0]]["probe_stats"]
-    a_kept, b_kept = L.unscaled(stats, probes)
-    for kept, exact in ((a_kept, a), (b_kept, b)):
-        row_max = exact.abs().amax(1, keepdim=True)
-        assert ((kept - exact).abs() <= 1e-5 * row_max).all(), (kept, exact)
-    torch.testing.assert_close(stats[:, L.rho_col(probes)].double(), rhos[-1], rtol=0, atol=1e-4)
+    _assert_statistics_match_float64(opt, params, grads, probes, beta, scope, seed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
