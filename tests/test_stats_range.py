@@ -209,6 +209,44 @@ def test_a_window_redraw_from_2_down_to_subnormal_gradients_stays_finite(backend
         assert_sane(opt)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_rows_scale_exponent_is_the_smallest_that_fits_its_own_values(backend):
+    """Spec section 3: each step, a row's E is the smallest with |d| / 2**E < 2, |a| / 2**E < 2
+    and b / 2**(2E) < 4 (this step's d, the statistics before it), at least -200; a row whose
+    d, a and b are all 0 keeps its E. Rows of 1e20, 1 and 0 gradients, then a stretch of zero
+    gradients where the decaying a and b alone set E."""
+    require(backend)
+    gen = torch.Generator().manual_seed(8)
+    probes, beta, seed = 8, 0.9, 11
+    scales = (1e20, 1.0, 0.0)
+    params = [torch.nn.Parameter(torch.zeros(12)) for _ in scales]
+    opt = SAdam(params, backend=backend, scope="tensor", probes=probes, probe_beta=beta, seed=seed,
+                lr=0.0)
+    col = L.scale_col(probes)
+    before = L.new_stats(len(scales), probes, "cpu")
+    for t in range(16):
+        live = 1.0 if t < 4 else 0.0
+        grads = [(0.5 + torch.randn(12, generator=gen)) * scale * live for scale in scales]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        stats = opt.state[params[0]]["probe_stats"]
+        a_before, b_before = L.unscaled(before, probes)
+        for row, g in enumerate(grads):
+            signs = probe_signs(12, probes, tensor_id=row, epoch=0, seed=seed, dtype=torch.float64)
+            d = float((signs @ g.double()).abs().max())
+            a, b = float(a_before[row].abs().max()), float(b_before[row].max())
+            exponent = int(stats[row, col])
+            if d == a == b == 0:
+                assert exponent == int(before[row, col]), (t, row)
+                continue
+            fits = [d / 2.0 ** e < 2 and a / 2.0 ** e < 2 and b / 2.0 ** (2 * e) < 4
+                    for e in (exponent, exponent - 1)]
+            assert fits[0] and (not fits[1] or exponent == -200), (t, row, exponent, d, a, b)
+        before = stats.clone()
+    assert [int(e) for e in stats[:, col]] != [int(stats[0, col])] * 3  # the rows differ
+
+
 def test_checkpoint_of_the_previous_layout_loads():
     """A (scopes, 2k + 5) probe_stats (no SCALE column, true a and b) loads as E = 0 and the run
     continues exactly as the one that saved it."""
