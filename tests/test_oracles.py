@@ -197,6 +197,25 @@ def test_the_reference_steps_one_group_on_the_cpu_and_a_gpu_like_one_on_the_cpu(
     spec_tolerance.assert_rho_close(mixed_rho, cpu_rho)
 
 
+@pytest.mark.parametrize("lag", [0, 1])
+@pytest.mark.parametrize("scope", ["group", "tensor"])
+def test_the_reference_makes_every_tensor_on_the_parameters_device(lag, scope):
+    """Steps on meta-device parameters: any tensor the reference made on another device (one
+    that is not a 0-d scalar) meets the meta tensors and fails, as it would on a GPU; the state
+    stays on the parameters' device."""
+    params = [torch.nn.Parameter(torch.empty(5, 3, device="meta")),
+              torch.nn.Parameter(torch.empty(7, device="meta"))]
+    opt = sadam.SAdam(params, backend="torch", probe_lag=lag, scope=scope, amsgrad=True,
+                      probe_window=2, weight_decay=1e-2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt.step()
+    devices = {v.device.type for p in params for v in opt.state[p].values()
+               if isinstance(v, torch.Tensor)}
+    assert devices == {"meta"} and {r.device.type for r in opt.lgi()} == {"meta"}
+
+
 def _run_against_the_oracle(backend, device, config):
     hyper = dict(HYPER, amsgrad=False, maximize=False)
     hyper.update(CONFIGS[config])
