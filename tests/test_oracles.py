@@ -174,15 +174,18 @@ def test_the_reference_on_cuda_tensors_matches_the_float64_oracle(config):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_reference_steps_one_group_on_the_cpu_and_a_gpu_like_one_on_the_cpu():
+@pytest.mark.parametrize("mixed", [("cpu", "cuda"), ("cuda", "cpu")], ids=["stats-on-cpu",
+                                                                         "stats-on-cuda"])
+def test_the_reference_steps_one_group_on_the_cpu_and_a_gpu_like_one_on_the_cpu(mixed):
     """The torch backend takes a param group on two devices (AdamW does): each tensor's
-    directional derivatives join the group's sums on the statistics' device."""
+    directional derivatives join the group's sums on the statistics' device (the first
+    parameter's), and each update reads its rho from there."""
     import spec_tolerance
     gen = torch.Generator().manual_seed(4)
     values = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
     grads = [[torch.randn(v.shape, generator=gen) for v in values] for _ in range(3)]
     results = []
-    for devices in (("cpu", "cpu"), ("cpu", "cuda")):
+    for devices in (("cpu", "cpu"), mixed):
         params = [torch.nn.Parameter(v.to(d)) for v, d in zip(values, devices)]
         opt = sadam.SAdam(params, lr=1e-2, damping=2.0, scope="group", backend="torch")
         for step_grads in grads:
