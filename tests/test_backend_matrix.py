@@ -107,3 +107,31 @@ def test_probe_off_is_adamw_and_leaves_the_statistics(backend, amsgrad):
     k = opt.param_groups[0]["probes"]
     assert not stats[:, :2 * k + 1].any()  # no sample was taken
     assert float(opt.damping_factors()[0]) == 1.0 and float(opt.lgi()[0]) == 0.0
+
+
+
+@pytest.mark.parametrize("backend", _backends.params())
+def test_the_optimizer_steps_with_the_backend_it_names(backend, monkeypatch):
+    """SAdam(backend=b) runs b's update and no other backend's (the reference and the CPU
+    kernel agree to the last bit on plain fp32 steps, so values alone cannot tell them apart)."""
+    import importlib
+    modules = {"torch": "reference", "cpu": "native", "cuda": "native", "triton": "triton"}
+    calls = {}
+    for module_name in set(modules.values()):
+        try:
+            module = importlib.import_module(f"sadam.backends.{module_name}")
+        except ImportError:  # triton not installed: that backend cannot run either
+            continue
+
+        def counted(*args, _update=module.update, _name=module_name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _update(*args, **kwargs)
+        monkeypatch.setattr(module, "update", counted)
+    device = _backends.device_of(backend)
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in ((257,), (33, 9))]
+    opt = sadam.SAdam(params, lr=1e-2, backend=backend)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert calls == {modules[backend]: 2}
