@@ -185,6 +185,24 @@ def test_params_moved_to_another_device_are_rejected_unchanged():
             assert torch.equal(opt.state_dict()["state"][key][name], value)
 
 
+def test_state_with_a_non_tensor_entry_first_is_still_checked_after_a_move():
+    """Extra state entries are kept on load, in their saved order; a non-tensor one before the
+    moments must not end the check of the tensors after it."""
+    params = _params()
+    opt = sadam.SAdam(params, lr=1e-2, backend="torch")
+    _run(opt, params, 2)
+    sd = opt.state_dict()
+    sd["state"][0] = {"note": "saved first", **sd["state"][0]}
+    opt.load_state_dict(sd)
+    assert next(iter(opt.state[params[0]])) == "note"
+    torch.utils.swap_tensors(params[0], torch.nn.Parameter(params[0].detach().to("meta")))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError,
+                       match="state 'step' of param 0 of group 0 .* moved or resized"):
+        opt.step()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move to")
 def test_module_moved_to_cuda_needs_the_state_moved_too():
     model = torch.nn.Linear(3, 2)
