@@ -170,8 +170,11 @@ def test_loss_probe_reports_the_damping_it_applies(estimator):
     assert opt.damping_factors()[0].item() == pytest.approx(math.exp(-2.5 * rho), rel=1e-6)
 
 
-@pytest.mark.parametrize("damping_on", [None, "cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("damping_on", [None, "cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 def test_loss_probe_damping_is_fp32_whatever_the_default_dtype(damping_on):
     """gamma = exp(-damping * rho) is computed in fp32 on the parameters' device (spec: math in
     fp32) under a float64 default dtype too: a float64 product rounds to different fp32 bits for

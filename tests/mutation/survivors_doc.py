@@ -1,4 +1,4 @@
-"""Rewrite docs/mutation-survivors.md from the last mutation run, keeping the reasons it already has.
+"""Rewrite docs/mutation-survivors.md from the last mutation run, keeping the reasons it has.
 
 Run from the repository root after ``make mutation``. Each mutant that is still alive (mutmut says
 "survived" or "no tests" and ``rank_tests.py`` did not see it killed) keeps its line and section
