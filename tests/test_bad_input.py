@@ -473,3 +473,20 @@ def test_requires_grad_tensor_lr_raises_no_warning_as_in_adamw():
         warnings.simplefilter("error")
         opt.step()
         opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a second device")
+def test_a_kernel_backend_names_a_group_on_two_devices_before_anything_changes():
+    """The kernels take one device per group (the reference any mix, as AdamW)."""
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, device="cuda"))]
+    opt = SAdam(params, backend="cpu")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    snap = snapshot(opt, params)
+    with pytest.raises(ValueError) as error:
+        opt.step()
+    assert str(error.value) == (
+        "param group 0 has parameters on ['cpu', 'cuda:0']; backend 'cpu' runs one device per "
+        "group: put each device's parameters in their own group, or use backend='torch'")
+    assert_unchanged(opt, params, snap)
