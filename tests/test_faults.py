@@ -185,6 +185,27 @@ def test_params_moved_to_another_device_are_rejected_unchanged():
             assert torch.equal(opt.state_dict()["state"][key][name], value)
 
 
+def test_a_parameter_resized_after_its_state_was_made_is_named_in_full_unchanged():
+    """Same device, another shape (a module's weight replaced by a larger one): the state no
+    longer fits, and nothing is stepped."""
+    params = _params()
+    opt = sadam.SAdam(params, lr=1e-2, backend="torch")
+    _run(opt, params, 2)
+    shape = tuple(params[0].shape)
+    torch.utils.swap_tensors(params[0], torch.nn.Parameter(torch.zeros(shape[0] + 1, *shape[1:])))
+    kept = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError) as error:
+        opt.step()
+    assert str(error.value) == (
+        f"state 'exp_avg' of param 0 of group 0 is a {shape} tensor on cpu, the parameter a "
+        f"{(shape[0] + 1, *shape[1:])} one on cpu: the parameter was moved or resized after the "
+        "optimizer state was created. Move the state with "
+        "optimizer.load_state_dict(optimizer.state_dict()), or build a new optimizer")
+    assert all(torch.equal(p, k) for p, k in zip(params, kept))
+
+
 def test_state_with_a_non_tensor_entry_first_is_still_checked_after_a_move():
     """Extra state entries are kept on load, in their saved order; a non-tensor one before the
     moments must not end the check of the tensors after it."""
