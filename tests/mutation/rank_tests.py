@@ -34,7 +34,9 @@ def rank_tests_for(mutant: str):
     # the ZeRO glue and SAdam's ZeRO methods (_step_zero_group; not any_nonzero)
     if mutant.startswith("sadam.distributed.zero") or re.search(r"(?<![a-z])zero", function):
         return ["tests/test_deepspeed_zero.py"]
-    if "load_state_dict" in function:  # ZeRO's checkpoint test reloads its declared groups
+    # SAdam's methods that branch to ZeRO's code for a group DeepSpeed manages (and
+    # load_state_dict, which ZeRO's checkpoint test reloads with its declared groups)
+    if any(name in function for name in ("load_state_dict", "_step_group", "_stats_anchor")):
         return ["tests/test_distributed.py", "tests/test_deepspeed_zero.py"]
     if mutant.startswith(("sadam.loss_probe", "sadam._loss_directions")):
         return None  # the distributed tests use the gradient probe only
