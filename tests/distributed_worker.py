@@ -128,7 +128,12 @@ def run_ddp(rank, out, config):
     opt = make_optimizer(model, config)
     history = []
     train(model, opt, rank, STEPS, history)
-    return dict(params=full_params(model.module), lgi=history)
+    return dict(params=full_params(model.module), lgi=history, stats=probe_stats(opt))
+
+
+def probe_stats(opt):
+    """The first group's probe statistics (kept with its first parameter's state)."""
+    return opt.state[opt.param_groups[0]["params"][0]]["probe_stats"].detach().clone()
 
 
 def run_fsdp(rank, out, config, bf16=False, checkpoint_dir=None, backend="torch"):

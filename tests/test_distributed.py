@@ -41,7 +41,7 @@ def assert_rho_close(actual, expected):
 @pytest.mark.parametrize("config", list(W.CONFIGS))
 def test_two_ranks_equal_one_process(two_ranks, engine, config):
     _, ranks = two_ranks
-    model, _, history = W.reference_run(config)
+    model, opt, history = W.reference_run(config)
     expected = W.full_params(model)
     # the probe statistics moved: rho is not trivially zero on this non-smooth loss
     assert max(float(r.max()) for r in history[-1]) > 0.1
@@ -49,6 +49,18 @@ def test_two_ranks_equal_one_process(two_ranks, engine, config):
         result = record[f"{engine}_{config}"]
         assert_params_close(result["params"], expected)
         assert_rho_close(result["lgi"], history)
+        if engine == "ddp":  # replicated: each rank's own d, never summed over the ranks
+            assert_moments_of_d_close(result["stats"], W.probe_stats(opt), opt)
+
+
+def assert_moments_of_d_close(actual, expected, opt):
+    """The EMAs of d and d**2 (a * 2**E, b * 2**(2E)) within 1e-5 of each row's largest: rho
+    alone cannot see d scaled by a constant (a sum over ranks of equal d's)."""
+    from sadam import _layout as L
+    k = opt.param_groups[0]["probes"]
+    for kept, exact in zip(L.unscaled(actual, k), L.unscaled(expected, k)):
+        row_max = exact.abs().amax(1, keepdim=True)
+        assert ((kept - exact).abs() <= 1e-5 * row_max).all(), (kept, exact)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", pytest.param("cuda", marks=pytest.mark.skip(
