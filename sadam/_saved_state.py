@@ -78,8 +78,12 @@ def _convert_stats(value, p, group, where, scopes):
         raise ValueError(f"probe_stats of {where} has shape {tuple(value.shape)}, expected "
                          f"{expected} for scope={group['scope']!r}, probes={group['probes']}")
     stats = value.detach().to(torch.float32)  # checked where it is: p may be a meta tensor
-    if not _has_values(stats, p, f"probe_stats of {where}"):
-        return stats.to(device=p.device, copy=True)
+    if _has_values(stats, p, f"probe_stats of {where}"):
+        _check_stats_values(stats, group, where)
+    return stats.to(device=p.device, copy=True)
+
+
+def _check_stats_values(stats, group, where):
     if not bool(torch.isfinite(stats).all()):
         raise ValueError(f"probe_stats of {where} holds non-finite values (in fp32)")
     k = group["probes"]
@@ -95,7 +99,6 @@ def _convert_stats(value, p, group, where, scopes):
         if bool(((values < lo) | (values > hi)).any()):
             raise ValueError(f"probe_stats of {where}: the {column} column must lie in "
                              f"[{lo}, {hi}], got {values.tolist()}")
-    return stats.to(device=p.device, copy=True)
 
 
 def convert_param_state(p, values: dict, group: dict, where: str, scopes: int) -> dict:
