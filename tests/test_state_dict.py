@@ -186,10 +186,15 @@ def test_broken_state_is_refused_naming_the_key_before_anything_changes(case):
     assert_unchanged(opt, params, snap)
 
 
+def _meta_like(params):
+    """Meta-device parameters shaped like ``params`` (deferred initialisation: the model is
+    built on the meta device and its checkpoint loaded before it is materialised)."""
+    return [torch.nn.Parameter(torch.empty(p.shape, device="meta")) for p in params]
+
+
 def _meta_twin(params, **kw):
-    """An optimizer of meta-device parameters shaped like ``params`` (deferred initialisation:
-    the model is built on the meta device and its checkpoint loaded before it is materialised)."""
-    meta = [torch.nn.Parameter(torch.empty(p.shape, device="meta")) for p in params]
+    """An SAdam of meta-device parameters shaped like ``params``."""
+    meta = _meta_like(params)
     return meta, SAdam(meta, lr=1e-2, backend="torch", **kw)
 
 
@@ -206,7 +211,7 @@ def test_a_state_dict_loads_onto_meta_parameters_like_adamw():
     for p in adamw.param_groups[0]["params"]:
         p.grad = torch.ones_like(p)
     adamw.step()
-    adamw_meta = [torch.nn.Parameter(torch.empty(p.shape, device="meta")) for p in params]
+    adamw_meta = _meta_like(params)
     adamw_loaded = torch.optim.AdamW(adamw_meta, amsgrad=True)
     adamw_loaded.load_state_dict(adamw.state_dict())
     for p, q, a in zip(params, meta, adamw_meta):
