@@ -30,16 +30,24 @@ def mutant_results():
             yield name, status
 
 
+def doc_lines(text):
+    """(preamble, {mutant: (section, reason)}) of docs/mutation-survivors.md's text: the lines
+    ``- `<mutant name>`: <reason>`` under each "## <section>" heading."""
+    preamble, lines, section = [], {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].strip()
+        elif section is None:
+            preamble.append(line)
+        elif match := re.match(r"- `([^`]+__mutmut_\d+)`: (.*)", line):
+            lines[match.group(1)] = (section, match.group(2))
+    return "\n".join(preamble).rstrip("\n"), lines
+
+
 def explained_in_doc():
     """{mutant: heading} of the lines under the doc's "## Equivalent" and "## CUDA only"."""
-    explained, heading = {}, None
-    for line in DOC.read_text().splitlines() if DOC.exists() else []:
-        if line.startswith("## "):
-            heading = line[3:].strip()
-        match = re.match(r"- `([^`]+__mutmut_\d+)`", line)
-        if match and heading in EXPLAINED:
-            explained[match.group(1)] = heading
-    return explained
+    _, lines = doc_lines(DOC.read_text()) if DOC.exists() else (None, {})
+    return {name: section for name, (section, _) in lines.items() if section in EXPLAINED}
 
 
 def module_of(mutant: str) -> str:

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from score import DOC, RANK_VERDICTS, module_of, mutant_results  # noqa: E402
+from score import DOC, RANK_VERDICTS, doc_lines, module_of, mutant_results  # noqa: E402
 
 # Sections a person writes; the generated ones are rebuilt from the run.
 KEPT = ("Equivalent", "CUDA only", "Killed by tests added after the measured run", "Not resolved")
@@ -39,24 +39,9 @@ def natural(name):
     return function, int(number)
 
 
-def read_doc(text):
-    """(preamble, {mutant: (section, reason)}) of the current doc."""
-    preamble, lines, section = [], {}, None
-    for line in text.splitlines():
-        if line.startswith("## "):
-            section = line[3:].strip()
-            continue
-        if section is None:
-            preamble.append(line)
-            continue
-        match = re.match(r"- `([^`]+__mutmut_\d+)`: (.*)", line)
-        if match and section in KEPT:
-            lines[match.group(1)] = (section, match.group(2))
-    return "\n".join(preamble).rstrip("\n"), lines
-
-
 def main():
-    preamble, known = read_doc(DOC.read_text())
+    preamble, lines = doc_lines(DOC.read_text())
+    known = {name: line for name, line in lines.items() if line[0] in KEPT}
     ranks = json.loads(RANK_VERDICTS.read_text()) if RANK_VERDICTS.exists() else {}
     sections = {name: [] for name in (*KEPT, RANKS_KILLED)}
     no_tests = Counter()
@@ -92,7 +77,7 @@ def print_counts(sections, no_tests):
                                for line in sections[section]) for section in order}
     counts[NO_TESTS] = Counter()
     for function, count in no_tests.items():
-        counts[NO_TESTS][module_of(function + "__mutmut_0")] += count
+        counts[NO_TESTS][module_of(function)] += count
     modules = sorted(set().union(*counts.values()))
     print("| module | " + " | ".join(s.lower() for s in counts) + " |")
     print("| --- |" + " --- |" * len(counts))
