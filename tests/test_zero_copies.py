@@ -1,0 +1,99 @@
+"""A param group whose ``params`` DeepSpeed replaced by whole fp32 copies, built by hand here.
+
+DeepSpeed's stage-0 bf16 optimizer hands SAdam fp32 copies of a group's trainable parameters,
+in order, in place of the parameters it was declared with (frozen ones left out). That layout
+needs no DeepSpeed to build, so these tests run it in the test process: stepping the copies
+must equal stepping the declared parameters themselves (the same tensor ids, frozen ones
+included, and the same statistics rows), and GradScaler's ``grad_scale`` and ``found_inf``
+must act on it as on any group. tests/test_deepspeed_zero.py runs the real engines.
+"""
+import pytest
+import torch
+
+from _unchanged import assert_unchanged, snapshot
+from sadam import SAdam
+
+STEPS = 4
+
+
+def declared_params():
+    torch.manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4)),
+              torch.nn.Parameter(torch.randn(2, 2))]
+    params[1].requires_grad_(False)  # frozen, between two trainable ones
+    return params
+
+
+def gradients(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(5, 3, generator=g), None, torch.randn(2, 2, generator=g)]
+
+
+def with_copies(opt):
+    """Replace the group's params by fp32 copies of its trainable ones, as DeepSpeed does."""
+    group = opt.param_groups[0]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in group["params"] if p.requires_grad]
+    group["params"] = copies
+    return copies
+
+
+def make(params, **kw):
+    return SAdam(params, lr=1e-2, weight_decay=1e-2, damping=2.0, seed=5, backend="torch", **kw)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "group"])
+@pytest.mark.parametrize("lag", [0, 1])
+def test_copies_step_like_the_declared_parameters(scope, lag):
+    declared, twin = declared_params(), declared_params()
+    plain = make(declared, scope=scope, probe_lag=lag)
+    zero = make(twin, scope=scope, probe_lag=lag)
+    copies = with_copies(zero)
+    for step in range(STEPS):
+        for p, q, g in zip(declared, [copies[0], None, copies[1]], gradients(step)):
+            p.grad = None if g is None else g.clone()
+            if q is not None:
+                q.grad = g.clone()
+        plain.step()
+        zero.step()
+        for a, b in zip(plain.lgi(), zero.lgi()):
+            assert torch.equal(a, b)
+    assert torch.equal(copies[0], declared[0]) and torch.equal(copies[1], declared[2])
+    assert torch.equal(twin[1], declared[1])  # the frozen parameter is never touched
+    rows = zero.lgi()[0]
+    assert rows.shape == ((3,) if scope == "tensor" else ())
+    if scope == "tensor":
+        assert float(rows[1]) == 0.0 and float(rows[0]) > 0 and float(rows[2]) > 0
+
+
+def _stepped_copies():
+    """An SAdam over copies after two steps, the third step's gradients set."""
+    opt = make(declared_params(), scope="tensor")
+    copies = with_copies(opt)
+    for step in range(3):
+        for q, g in zip(copies, [g for g in gradients(step) if g is not None]):
+            q.grad = g.clone()
+        if step < 2:
+            opt.step()
+    return opt, copies
+
+
+def test_grad_scale_unscales_the_copies_gradients():
+    expected, expected_copies = _stepped_copies()
+    expected.step()
+    opt, copies = _stepped_copies()
+    for q in copies:
+        q.grad = q.grad * 8.0
+    opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    opt.step()
+    for a, b in zip(copies, expected_copies):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    for a, b in zip(opt.lgi(), expected.lgi()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_found_inf_skips_the_copies_step_and_changes_nothing():
+    opt, copies = _stepped_copies()
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    snap = snapshot(opt, copies)
+    opt.step()
+    assert_unchanged(opt, copies, snap)
