@@ -97,3 +97,71 @@ def test_found_inf_skips_the_copies_step_and_changes_nothing():
     snap = snapshot(opt, copies)
     opt.step()
     assert_unchanged(opt, copies, snap)
+
+
+def test_copies_of_a_lone_parameter_after_a_frozen_one_keep_its_declared_index():
+    """One trainable parameter, declared second: its copy is still tensor 1, statistics row 1."""
+    def params():
+        torch.manual_seed(4)
+        frozen, w = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4, 2))
+        frozen.requires_grad_(False)
+        return [frozen, w]
+    declared, twin = params(), params()
+    plain, zero = make(declared, scope="tensor"), make(twin, scope="tensor")
+    (copy,) = with_copies(zero)
+    for step in range(STEPS):
+        declared[1].grad = gradients(step)[0][:4, :2].clone()
+        copy.grad = declared[1].grad.clone()
+        plain.step()
+        zero.step()
+    assert torch.equal(copy, declared[1])
+    assert torch.equal(zero.lgi()[0], plain.lgi()[0]) and zero.lgi()[0].shape == (2,)
+
+
+@pytest.mark.parametrize("edit", ["declared tensors without the frozen one", "one new tensor",
+                                  "three new tensors"])
+def test_a_group_edited_by_hand_steps_as_a_fresh_group_of_its_tensors(edit):
+    """Not every group whose params differ from the declared ones is DeepSpeed's: tensors put
+    in by hand, the declared ones among them or fewer or more than the trainable ones, step as
+    a group declared with them would."""
+    declared = declared_params()
+    opt = make(declared, scope="tensor")
+    if edit == "declared tensors without the frozen one":
+        params = [declared[0], declared[2]]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    else:
+        shapes = [(5, 3)] if edit == "one new tensor" else [(5, 3), (2, 2), (6,)]
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt.param_groups[0]["params"] = params
+    fresh = make(twins, scope="tensor")
+    for step in range(STEPS):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step))
+            q.grad = p.grad.clone()
+        opt.step()
+        fresh.step()
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.lgi()[0], fresh.lgi()[0]) and opt.lgi()[0].shape == (len(params),)
+
+
+def test_a_frozen_group_emptied_by_deepspeed_keeps_a_row_per_declared_parameter():
+    """DeepSpeed copies no parameter of a group whose parameters are all frozen: the group's
+    statistics still have one row per declared parameter, as without DeepSpeed."""
+    def params():
+        frozen = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+        for p in frozen:
+            p.requires_grad_(False)
+        return frozen
+    trained = torch.nn.Parameter(torch.randn(4))
+    plain = make([{"params": params()}, {"params": [trained]}], scope="tensor")
+    zero = make([{"params": params()}, {"params": [torch.nn.Parameter(trained.detach().clone())]}],
+                scope="tensor")
+    zero.param_groups[0]["params"] = []
+    for opt in (plain, zero):
+        opt.param_groups[1]["params"][0].grad = torch.ones(4)
+        opt.step()
+    for a, b in zip(plain.lgi(), zero.lgi()):
+        assert a.shape == b.shape and torch.equal(a, b)
+    assert zero.lgi()[0].shape == (2,)

@@ -60,11 +60,11 @@ def _trainable(declared):
 
 
 def _are_copies(params, declared) -> bool:
-    """Whether ``params`` are whole copies of the trainable declared parameters, in order."""
+    """Whether ``params`` are whole copies of the trainable declared parameters, in order (none
+    for a group whose parameters are all frozen: DeepSpeed empties it)."""
     trainable = _trainable(declared)
-    return (len(params) == len(trainable) and len(params) > 0
-            and all(p is not declared[j] and p.shape == declared[j].shape
-                    for p, j in zip(params, trainable)))
+    return len(params) == len(trainable) and all(
+        p is not declared[j] and p.shape == declared[j].shape for p, j in zip(params, trainable))
 
 
 def _copy_fragments(params, declared):
