@@ -165,3 +165,59 @@ def test_a_frozen_group_emptied_by_deepspeed_keeps_a_row_per_declared_parameter(
     for a, b in zip(plain.lgi(), zero.lgi()):
         assert a.shape == b.shape and torch.equal(a, b)
     assert zero.lgi()[0].shape == (2,)
+
+
+def _two_steps_on_copies(opt):
+    copies = with_copies(opt)
+    for step in range(2):
+        for q, g in zip(copies, [g for g in gradients(step) if g is not None]):
+            q.grad = g.clone()
+        opt.step()
+    return copies
+
+
+def test_a_state_dict_of_copies_loads_back_onto_copies():
+    """DeepSpeed's checkpoint resume: the statistics saved with a row per declared parameter
+    fit the group of copies they are loaded into, and the run goes on as if uninterrupted."""
+    saved = make(declared_params(), scope="tensor")
+    _two_steps_on_copies(saved)
+    uninterrupted = make(declared_params(), scope="tensor")
+    copies = _two_steps_on_copies(uninterrupted)
+    resumed = make(declared_params(), scope="tensor")
+    resumed_copies = with_copies(resumed)
+    for q, c in zip(resumed_copies, copies):
+        with torch.no_grad():
+            q.copy_(c)
+    resumed.load_state_dict(saved.state_dict())
+    for opt, params in ((uninterrupted, copies), (resumed, resumed_copies)):
+        for q, g in zip(params, [g for g in gradients(2) if g is not None]):
+            q.grad = g.clone()
+        opt.step()
+    for a, b in zip(resumed_copies, copies):
+        assert torch.equal(a, b)
+    assert torch.equal(resumed.lgi()[0], uninterrupted.lgi()[0])
+
+
+def test_a_group_appended_by_hand_keeps_its_declared_parameters_over_a_load():
+    """A param group put into ``param_groups`` directly (not through add_param_group) counts
+    its parameters at the first load_state_dict as the declared ones, so DeepSpeed's copies of
+    them later step with their declared indices."""
+    def build():
+        opt = make([torch.nn.Parameter(torch.zeros(2))], scope="tensor")
+        declared = declared_params()
+        opt.param_groups.append(dict(opt.defaults, params=declared))
+        opt.load_state_dict(opt.state_dict())
+        return opt, declared
+    zero, _ = build()
+    plain, declared = build()
+    del zero.param_groups[0], plain.param_groups[0]  # only the appended group steps
+    copies = with_copies(zero)
+    for step in range(STEPS):
+        for p, q, g in zip(declared, [copies[0], None, copies[1]], gradients(step)):
+            p.grad = None if g is None else g.clone()
+            if q is not None:
+                q.grad = g.clone()
+        plain.step()
+        zero.step()
+    assert torch.equal(copies[0], declared[0]) and torch.equal(copies[1], declared[2])
+    assert torch.equal(zero.lgi()[0], plain.lgi()[0]) and zero.lgi()[0].shape == (3,)
