@@ -5,8 +5,6 @@ AdamW goes through the same harness as the control. Two oracles: the free run of
 process on the full batch (fp32), and the unsharded optimizer replaying the exact full gradients
 DeepSpeed stepped with (every run, bf16 mixed precision included). Tolerances: spec section 6.
 """
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +26,7 @@ def zero_ranks(tmp_path_factory):
     """Launch the two ranks once (bounded time); their records, rank by rank."""
     out = tmp_path_factory.mktemp("zero_ranks")
     worker = Path(__file__).with_name("zero_worker.py")
-    # DeepSpeed's JIT-built ops live in this environment, not in the user-wide cache: another
-    # torch there would rebuild them, and a build killed midway leaves a lock that waits forever
-    extensions = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    launch_ranks(worker, out, W.WORLD, LAUNCH_TIMEOUT_S, DS_ACCELERATOR="cpu",
-                 TORCH_EXTENSIONS_DIR=extensions)
+    launch_ranks(worker, out, W.WORLD, LAUNCH_TIMEOUT_S, **W.launch_env())
     return torch.load(out / "results.pt", weights_only=False)["ranks"]
 
 

@@ -16,6 +16,7 @@ Every run records, per step, the full fp32 gradient DeepSpeed stepped with
 (``safe_get_full_grad``), so the test can also replay those exact gradients through an unsharded
 optimizer: that comparison is free of the batch split's rounding (bf16 runs use it).
 """
+import functools
 import os
 import re
 import sys
@@ -237,7 +238,16 @@ def checkpoint_scenario(stage, run, rank, out):
     return record
 
 
-def main(out):
+def launch_env():
+    """What the ranks' environment adds: DeepSpeed's JIT-built ops live in this environment, not
+    in the user-wide cache (another torch there would rebuild them, and a build killed midway
+    leaves a lock that waits forever)."""
+    return dict(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
+        "TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")))
+
+
+def setup():
+    """Join the gloo process group and DeepSpeed's; this rank's index."""
     import deepspeed
     import torch.distributed as dist
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -245,29 +255,44 @@ def main(out):
     dist.init_process_group("gloo", init_method=f"file://{os.environ['STORE']}", rank=rank,
                             world_size=world)
     deepspeed.init_distributed(dist_backend="gloo")
-    only = os.environ.get("ZERO_ONLY")
-    results, timings = {}, {}
+    return rank
+
+
+def scenarios(rank, out):
+    """Every two-rank run, by the name its record has, in the order they run: name -> thunk."""
+    runs = {}
     for stage in STAGES:
         for run in RUNS:
-            name = f"stage{stage}_{run}"
-            if only and not re.search(only, name):
-                continue
-            t0 = time.perf_counter()
-            results[name] = run_scenario(stage, run, rank)
-            timings[name] = time.perf_counter() - t0
+            runs[f"stage{stage}_{run}"] = functools.partial(run_scenario, stage, run, rank)
     for stage in OFFLOAD_STAGES:
-        name = f"offload_stage{stage}_{OFFLOAD_RUN}"
-        if not only or re.search(only, name):
-            results[name] = run_scenario(stage, OFFLOAD_RUN, rank, offload=True)
+        runs[f"offload_stage{stage}_{OFFLOAD_RUN}"] = functools.partial(
+            run_scenario, stage, OFFLOAD_RUN, rank, offload=True)
     for stage in CHECKPOINT_STAGES:
-        name = f"resume_stage{stage}_{CHECKPOINT_RUN}"
+        runs[f"resume_stage{stage}_{CHECKPOINT_RUN}"] = functools.partial(
+            checkpoint_scenario, stage, CHECKPOINT_RUN, rank, out)
+    return runs
+
+
+def save(out, ranks, timings=None):
+    """What rank 0 writes: every rank's records (the test reads ``ranks``)."""
+    torch.save({"ranks": ranks, "timings": timings or {}}, os.path.join(out, "results.pt"))
+
+
+def main(out):
+    import torch.distributed as dist
+    rank = setup()
+    only = os.environ.get("ZERO_ONLY")
+    results, timings = {}, {}
+    for name, run in scenarios(rank, out).items():
         if only and not re.search(only, name):
             continue
-        results[name] = checkpoint_scenario(stage, CHECKPOINT_RUN, rank, out)
-    gathered = [None] * world
+        t0 = time.perf_counter()
+        results[name] = run()
+        timings[name] = time.perf_counter() - t0
+    gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if rank == 0:
-        torch.save({"ranks": gathered, "timings": timings}, os.path.join(out, "results.pt"))
+        save(out, gathered, timings)
     dist.barrier()
     dist.destroy_process_group()
 
