@@ -41,12 +41,13 @@ def make(params, **kw):
     return SAdam(params, lr=1e-2, weight_decay=1e-2, damping=2.0, seed=5, backend="torch", **kw)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("scope", ["tensor", "group"])
 @pytest.mark.parametrize("lag", [0, 1])
-def test_copies_step_like_the_declared_parameters(scope, lag):
+def test_copies_step_like_the_declared_parameters(scope, lag, amsgrad):
     declared, twin = declared_params(), declared_params()
-    plain = make(declared, scope=scope, probe_lag=lag)
-    zero = make(twin, scope=scope, probe_lag=lag)
+    plain = make(declared, scope=scope, probe_lag=lag, amsgrad=amsgrad)
+    zero = make(twin, scope=scope, probe_lag=lag, amsgrad=amsgrad)
     copies = with_copies(zero)
     for step in range(STEPS):
         for p, q, g in zip(declared, [copies[0], None, copies[1]], gradients(step)):
@@ -59,6 +60,9 @@ def test_copies_step_like_the_declared_parameters(scope, lag):
             assert torch.equal(a, b)
     assert torch.equal(copies[0], declared[0]) and torch.equal(copies[1], declared[2])
     assert torch.equal(twin[1], declared[1])  # the frozen parameter is never touched
+    if amsgrad:
+        for c, p in zip(copies, (declared[0], declared[2])):
+            assert torch.equal(zero.state[c]["max_exp_avg_sq"], plain.state[p]["max_exp_avg_sq"])
     rows = zero.lgi()[0]
     assert rows.shape == ((3,) if scope == "tensor" else ())
     if scope == "tensor":
@@ -221,3 +225,13 @@ def test_a_group_appended_by_hand_keeps_its_declared_parameters_over_a_load():
         zero.step()
     assert torch.equal(copies[0], declared[0]) and torch.equal(copies[1], declared[2])
     assert torch.equal(zero.lgi()[0], plain.lgi()[0]) and zero.lgi()[0].shape == (3,)
+
+
+def test_a_step_before_the_copies_have_gradients_changes_nothing():
+    """As for any parameter without a gradient: no state, no statistics, no change."""
+    opt = make(declared_params(), scope="tensor")
+    copies = with_copies(opt)
+    before = [c.detach().clone() for c in copies]
+    opt.step()
+    assert all(torch.equal(c, b) for c, b in zip(copies, before))
+    assert not opt.state and torch.equal(opt.lgi()[0], torch.zeros(3))
