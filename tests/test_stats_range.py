@@ -280,3 +280,27 @@ def test_checkpoint_of_the_previous_layout_loads():
 def test_upgrade_leaves_current_layout_alone():
     stats = L.new_stats(3, 5, "cpu")
     assert L.upgrade_stats(stats, 5) is stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_a_rounded_up_to_one_keeps_its_exponent_over_a_b_just_below_it(backend):
+    """fp32 can round a column's scaled a up to exactly 1 while its b, the EMA of squares, stays
+    just below 1 (a = 1 - 2**-25 + 2**-30 rounds up, its square rounds down to 1 - 2**-24).
+    With d = 0 the a term alone then decides: E stays, since a / 2**(E - 1) = 2 does not fit
+    below 2 (spec section 3), though b alone would let E fall by one."""
+    require(backend)
+    probes = 4
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SAdam([p], backend=backend, probes=probes, lr=0.0)
+    p.grad = torch.full((3,), 8.0)
+    opt.step()
+    stats = opt.state[p]["probe_stats"]
+    exponent = int(stats[0, L.scale_col(probes)])
+    stats[0, :probes] = 1.0
+    stats[0, probes:2 * probes] = 1.0 - 2.0 ** -24
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert int(stats[0, L.scale_col(probes)]) == exponent
+    a, b = L.unscaled(stats, probes)
+    torch.testing.assert_close(a[0], torch.full((probes,), 0.9 * 2.0 ** exponent,
+                                                dtype=torch.float64), rtol=1e-7, atol=0)
