@@ -2,7 +2,8 @@
 
 ``rank_tests.py`` starts this script as every rank (``python rank_batch.py OUT`` with the
 rendezvous variables of ``tests/_launch.py``) to judge many mutants without paying a launch
-(interpreter, torch, DeepSpeed, process groups) for each. ``OUT/plan.json`` says:
+(interpreter, torch, DeepSpeed, process groups) for each (see ``serve``). ``OUT/plan.json``
+says:
 
 * ``worker``: the worker script (``tests/zero_worker.py``, ...) with ``setup()``,
   ``scenarios(rank, out)`` and ``save(out, ranks)``;
@@ -10,6 +11,7 @@ rendezvous variables of ``tests/_launch.py``) to judge many mutants without payi
   ``MUTANT_UNDER_TEST``, which mutmut's trampolines read at every call; with
   ``"coverage": true``, the rank records per scenario which mutated functions it calls;
 * ``mutants_root``: the ``mutants/`` folder whose copy of the package runs;
+* ``preload``: modules to import once, before the launches fork;
 * ``start``: the index of the first mutant to run (a relaunch goes on after a failed one).
 
 The first mutant is the unmutated code ("") over every scenario: its records stand in for the
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -82,7 +85,8 @@ def run_mutant(worker, rank, out, mutant, root):
     return results, called
 
 
-def main(out):
+def run(out):
+    """Run the plan from its ``start``: this is one launch of the ranks."""
     out = Path(out)
     plan = json.loads((out / "plan.json").read_text())
     worker = load_worker(plan["worker"])
@@ -119,5 +123,37 @@ def main(out):
     dist.destroy_process_group()
 
 
+def serve(out):
+    """Import the worker and its heavy modules once, then fork a fresh launch for each
+    ``OUT/go-<n>`` that ``rank_tests.py`` writes, until ``OUT/stop``: a relaunch after a killed
+    mutant then costs a fork, not an interpreter, torch and DeepSpeed. The parent runs nothing
+    on them (no process group, no tensor), so each child starts as a new process would. The
+    child's pid goes to ``OUT/pid-<n>-rank<r>``, its exit status to ``OUT/exit-<n>-rank<r>``."""
+    out, rank = Path(out), os.environ["RANK"]
+    plan = json.loads((out / "plan.json").read_text())
+    load_worker(plan["worker"])
+    for name in plan.get("preload", []):
+        importlib.import_module(name)
+    launch, parent = 0, os.getppid()
+    while not (out / "stop").exists() and os.getppid() == parent:
+        if not (out / f"go-{launch}").exists():
+            time.sleep(0.05)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run(out)
+            except BaseException:  # noqa: BLE001 - the harness's own failure: say it, exit 1
+                traceback.print_exc()
+                sys.stdout.flush()
+                os._exit(1)
+            sys.stdout.flush()
+            os._exit(0)
+        (out / f"pid-{launch}-rank{rank}").write_text(str(pid))
+        _, status = os.waitpid(pid, 0)
+        (out / f"exit-{launch}-rank{rank}").write_text(str(os.waitstatus_to_exitcode(status)))
+        launch += 1
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    serve(sys.argv[1])

@@ -100,14 +100,15 @@ def judge_env():
 
 class Batch:
     """The ranks of one worker, running the mutants of a plan from where the last launch
-    stopped; every mutant ends done (records written), failed (a scenario raised) or timed out."""
+    stopped; every mutant ends done (records written), failed (a scenario raised) or timed out.
+    The rank processes are started once (``rank_batch.serve``) and fork a launch each."""
 
     def __init__(self, test_file, worker):
         self.test_file, self.worker = test_file, worker
         self.out = (MUTANTS / "rank-batch" / Path(worker).stem).resolve()
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
-        self.mutants, self.outcome = [], {}
+        self.mutants, self.outcome, self.launches, self.servers = [], {}, 0, None
         # the mutated copy first: start_ranks puts the package this process imports first on
         # the ranks' path
         sys.path[:0] = [str(MUTANTS.resolve()), str((MUTANTS / "tests").resolve())]
@@ -123,45 +124,87 @@ class Batch:
         while start < len(self.mutants):
             start = self._launch(start, per_mutant_timeout_s)
 
-    def _launch(self, start, per_mutant_timeout_s):
+    def close(self):
+        if self.servers is None:
+            return
+        (self.out / "stop").write_text("")
+        for proc in self.servers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.servers = None
+
+    def _write_plan(self, start):
+        plan = dict(worker=str((MUTANTS / self.worker).resolve()), mutants=self.mutants,
+                    start=start, mutants_root=str(MUTANTS.resolve()), preload=["deepspeed"])
+        (self.out / "plan.json").write_text(json.dumps(plan))
+
+    def _start_servers(self):
         from _launch import start_ranks
         worker = __import__(Path(self.worker).stem)
-        plan = dict(worker=str((MUTANTS / self.worker).resolve()), mutants=self.mutants,
-                    start=start, mutants_root=str(MUTANTS.resolve()))
-        (self.out / "plan.json").write_text(json.dumps(plan))
-        (self.out / "store").unlink(missing_ok=True)
         env = worker.launch_env() if hasattr(worker, "launch_env") else {}
-        procs, logs = start_ranks(Path("tests/mutation/rank_batch.py").resolve(), self.out,
-                                  worker.WORLD, **env)
+        self.world = worker.WORLD
+        self.servers, self.logs = start_ranks(Path("tests/mutation/rank_batch.py").resolve(),
+                                              self.out, self.world, **env)
+
+    def _exits(self, n):
+        files = [self.out / f"exit-{n}-rank{r}" for r in range(self.world)]
+        return [int(f.read_text()) if f.exists() else None for f in files]
+
+    def _kill_launch(self, n):
+        """End launch n's children (their servers then report their exit statuses)."""
+        for r in range(self.world):
+            pid_file = self.out / f"pid-{n}-rank{r}"
+            deadline = time.monotonic() + 30
+            while not pid_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text()), 9)
+                except ProcessLookupError:
+                    pass
+        while None in self._exits(n):
+            if any(p.poll() is not None for p in self.servers):
+                sys.exit(f"a rank server of {self.worker} ended; logs: {self.logs[0]}")
+            time.sleep(0.05)
+
+    def _launch(self, start, per_mutant_timeout_s):
+        self._write_plan(start)
+        (self.out / "store").unlink(missing_ok=True)
+        if self.servers is None:
+            self._start_servers()
+        n = self.launches
+        self.launches += 1
+        (self.out / f"go-{n}").write_text("")
         running, since = start, time.monotonic()
-        try:
-            while any(p.poll() is None for p in procs):
-                if any(p.poll() not in (None, 0) for p in procs):
-                    break
-                now_running = self._first_not_done(start)
-                if now_running != running:
-                    running, since = now_running, time.monotonic()
-                    self._report(running)
-                elif time.monotonic() - since > per_mutant_timeout_s:
-                    self.outcome[running] = "timeout"
-                    break
-                time.sleep(0.2)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
+        while None in self._exits(n):
+            if any(p.poll() is not None for p in self.servers):
+                sys.exit(f"a rank server of {self.worker} ended; logs: {self.logs[0]}")
+            if any(code not in (None, 0) for code in self._exits(n)):
+                self._kill_launch(n)  # one rank failed: the other may wait in a collective
+                break
+            now_running = self._first_not_done(start)
+            if now_running != running:
+                running, since = now_running, time.monotonic()
+                self._report(running)
+            elif time.monotonic() - since > per_mutant_timeout_s:
+                self.outcome[running] = "timeout"
+                self._kill_launch(n)
+                break
+            time.sleep(0.05)
+        codes = self._exits(n)
         end = self._first_not_done(start)
         for index in range(start, end):
             self.outcome[index] = "done"
         if end == len(self.mutants):
             return end
         if end not in self.outcome:
-            codes = [p.returncode for p in procs]
             self.outcome[end] = "failed" if BATCH_EXIT_FAILED in codes else f"ranks exit {codes}"
-            if not any((self.here(end) / f"failed-rank{r}").exists() for r in range(len(procs))):
+            if not any((self.here(end) / f"failed-rank{r}").exists() for r in range(self.world)):
                 print(f"  ranks stopped at {self.mutants[end]['name'] or 'the unmutated code'} "
-                      f"(exit {codes}); logs: {logs[0]}", flush=True)
+                      f"(exit {codes}); logs: {self.logs[0]}", flush=True)
         return end + 1
 
     def _report(self, running):
@@ -214,6 +257,13 @@ def judge(batch, jobs):
 def run_batch(test_file, worker, mutants, done):
     """Judge ``mutants`` through ``test_file`` in batches (see the module's docstring)."""
     batch = Batch(test_file, worker)
+    try:
+        judge_batch(batch, test_file, worker, mutants, done)
+    finally:
+        batch.close()
+
+
+def judge_batch(batch, test_file, worker, mutants, done):
     started = time.monotonic()
     batch.run([{"name": "", "scenarios": None, "coverage": True}], PER_MUTANT_TIMEOUT_S)
     if batch.outcome[0] != "done":
@@ -241,6 +291,7 @@ def run_batch(test_file, worker, mutants, done):
           f"{len(order)} scenarios on average", flush=True)
     first = len(batch.mutants)
     batch.run(plan, timeout_s)
+    batch.close()  # the test process needs the cores
     jobs = [("", 0), ("fail", 0)] + [(m["name"], first + i) for i, m in enumerate(plan)
                                      if batch.outcome[first + i] == "done"]
     exits = judge(batch, jobs)

@@ -2,7 +2,8 @@
 
 Run from the repository root after ``make mutation``. Each mutant that is still alive (mutmut says
 "survived" or "no tests" and ``rank_tests.py`` did not see it killed) keeps its line and section
-from the current doc; one the doc does not know yet goes under "Not resolved" as not classified,
+from the current doc, and so does one the run did not reach (a subset of the modules, a stopped
+run); one the doc does not know yet goes under "Not resolved" as not classified,
 for a person to kill with a test or explain. Mutants that are now killed drop out, except the ones
 the multi-process tests killed, which are listed with the test that did it. A line under "Killed
 by tests added after the measured run" whose mutant mutmut now reports killed drops out as well.
@@ -46,6 +47,12 @@ def main():
     sections = {name: [] for name in (*KEPT, RANKS_KILLED)}
     no_tests = Counter()
     for name, status in sorted(mutant_results(), key=lambda item: natural(item[0])):
+        if status == "not checked" and name in lines:
+            # not run this time (MUTATION_MODULES, a stopped run): its line stays as written
+            section, reason = lines[name]
+            if section in sections:
+                sections[section].append(f"- `{name}`: {reason}")
+            continue
         if status not in ("survived", "no tests"):
             continue
         verdict = ranks.get(name, {})
