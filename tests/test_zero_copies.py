@@ -235,3 +235,44 @@ def test_a_step_before_the_copies_have_gradients_changes_nothing():
     opt.step()
     assert all(torch.equal(c, b) for c, b in zip(copies, before))
     assert not opt.state and torch.equal(opt.lgi()[0], torch.zeros(3))
+
+
+def test_a_trainable_parameter_without_elements_is_not_among_the_copies():
+    """DeepSpeed copies only parameters with elements (``is_optimized_parameter``): a
+    zero-element trainable parameter is left out like a frozen one, and the copies after it
+    keep their declared indices."""
+    def params():
+        torch.manual_seed(6)
+        return [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.zeros(0)),
+                torch.nn.Parameter(torch.randn(2, 2))]
+    declared, twin = params(), params()
+    plain, zero = make(declared, scope="tensor"), make(twin, scope="tensor")
+    group = zero.param_groups[0]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in group["params"] if p.numel()]
+    group["params"] = copies
+    for step in range(STEPS):
+        grads = gradients(step)
+        declared[0].grad, declared[1].grad = grads[0].clone(), torch.zeros(0)
+        declared[2].grad = grads[2].clone()
+        copies[0].grad, copies[1].grad = grads[0].clone(), grads[2].clone()
+        plain.step()
+        zero.step()
+    assert torch.equal(copies[0], declared[0]) and torch.equal(copies[1], declared[2])
+    assert torch.equal(zero.lgi()[0], plain.lgi()[0]) and zero.lgi()[0].shape == (3,)
+
+
+def test_a_group_appended_by_hand_steps_like_a_declared_group():
+    """A param group put into ``param_groups`` directly, never loaded: torch's optimizers step
+    it like any other, and so does SAdam (it is no DeepSpeed group)."""
+    opt = make([torch.nn.Parameter(torch.zeros(2))], scope="tensor")
+    appended, twins = declared_params(), declared_params()
+    opt.param_groups.append(dict(opt.defaults, params=appended))
+    declared = make(twins, scope="tensor")
+    for step in range(STEPS):
+        for p, q, g in zip(appended, twins, gradients(step)):
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        opt.step()
+        declared.step()
+    for p, q in zip(appended, twins):
+        assert torch.equal(p, q)
+    assert torch.equal(opt.lgi()[1], declared.lgi()[0])
