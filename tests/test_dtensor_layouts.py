@@ -143,3 +143,18 @@ def test_shard_params_names_a_param_group_by_default(single_rank_mesh):
     with pytest.raises(ValueError) as error:
         shard_params(params)
     assert str(error.value).startswith("param group mixes DTensor and plain tensor parameters;")
+
+
+def test_a_gradient_placed_unlike_its_parameter_is_named_before_any_change(single_rank_mesh):
+    """A sharded parameter with a replicated gradient: its local shard is not the piece of the
+    gradient that belongs to the local piece of the parameter, so the step refuses it."""
+    from torch.distributed.tensor import Replicate, Shard
+    p = _dtensor(single_rank_mesh, [Shard(0)], torch.randn(4, 3))
+    p.grad = _dtensor(single_rank_mesh, [Replicate()], torch.randn(4, 3)).detach()
+    opt = SAdam([p], backend="torch")
+    snap = snapshot(opt, [p])
+    with pytest.raises(ValueError) as error:
+        opt.step()
+    assert str(error.value) == ("the gradient of parameter 0 of param group 0 has placements "
+                                "(Replicate(),), the parameter (Shard(dim=0),)")
+    assert_unchanged(opt, [p], snap)
