@@ -216,6 +216,27 @@ def run_lr_zero_first_step(rank):
     return results
 
 
+
+REPLICATED_STEPS = 3
+
+
+def replicated_grad(step):
+    return torch.randn(4, 3, generator=torch.Generator().manual_seed(40 + step))
+
+
+def run_replicated_dtensor():
+    """A DTensor replicated over the world mesh: every rank holds the whole tensor, so the probe
+    partials are already whole on each rank and must not be summed over the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD,))
+    p = nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Replicate()]))
+    opt = sadam.SAdam([p], lr=1e-2, damping=2.0, scope="tensor", probe_lag=0, backend="torch")
+    for step in range(REPLICATED_STEPS):
+        p.grad = distribute_tensor(replicated_grad(step), mesh, [Replicate()])
+        opt.step()
+    return dict(param=p.to_local().detach().clone(), stats=probe_stats(opt))
+
 # ------------------------------------------------------------------------------------- PSS
 PSS_SHAPES = {"uneven": ((7, 5), "shard"), "one_row_each": ((3, 4), "shard"),
               "vector": ((5,), "shard"), "replicated": ((6, 6), "replicate")}
@@ -316,6 +337,7 @@ def main(out):
         results["fsdp_bf16"] = run_fsdp(rank, out, "tensor_lag1", bf16=True)
         results["shard_dim_1"] = run_unsupported_placement()
         results["lr_zero_first_step"] = run_lr_zero_first_step(rank)
+        results["replicated_dtensor"] = run_replicated_dtensor()
     if "kernels" in scenarios:
         for backend in sadam.available_backends("cpu"):
             if backend != "torch":  # kernel rows: sharded offsets on every backend

@@ -208,3 +208,18 @@ def test_dtensor_sharded_on_dim_1_is_rejected_before_any_change(two_ranks):
         assert result["error"] is not None and "Shard(0)" in result["error"]
         assert result["unchanged"] and result["state"] == 0
 
+
+
+def test_a_replicated_dtensor_on_two_ranks_steps_like_one_process(two_ranks):
+    """Each rank holds the whole replicated tensor: its statistics and its step are those of
+    one process over the plain tensor, bit for bit (its partials are not summed over ranks)."""
+    _, ranks = two_ranks
+    p = torch.nn.Parameter(torch.ones(4, 3))
+    opt = sadam.SAdam([p], lr=1e-2, damping=2.0, scope="tensor", probe_lag=0, backend="torch")
+    for step in range(W.REPLICATED_STEPS):
+        p.grad = W.replicated_grad(step)
+        opt.step()
+    for record in ranks:
+        result = record["replicated_dtensor"]
+        assert torch.equal(result["stats"], opt.state[p]["probe_stats"])
+        assert torch.equal(result["param"], p.detach())
