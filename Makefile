@@ -78,7 +78,8 @@ clean:
 # judge (code that runs in rank subprocesses) through the multi-process tests; then the score per
 # module and the gate: every surviving mutant must be explained in docs/mutation-survivors.md
 # (rewritten from the run by survivors_doc.py, which keeps the reasons already written there).
-# MUTATION_MODULES=... runs a subset.
+# MUTATION_MODULES=... runs a subset. A stopped run resumes: each module is named only the mutants
+# without a verdict (tests/mutation/pending.py).
 MUTATION_MODULES ?= sadam.functional sadam.backends.reference sadam._validation sadam._saved_state \
 	sadam.loss_probe sadam._loss_directions sadam.distributed sadam.pss_linalg sadam.pss_trigger \
 	sadam.pss sadam.optimizer
@@ -86,8 +87,9 @@ MUTATION_CHILDREN ?= 2
 mutation: build
 	$(PIP) install -q "mutmut>=3.8,<4"
 	for module in $(MUTATION_MODULES); do \
-		OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children $(MUTATION_CHILDREN) "$$module.*" \
-			|| exit 1; \
+		pending=$$($(PY) tests/mutation/pending.py $$module) || exit 1; \
+		[ -z "$$pending" ] || OMP_NUM_THREADS=1 $(PY) -m mutmut run \
+			--max-children $(MUTATION_CHILDREN) $$pending || exit 1; \
 	done
 	$(PY) tests/mutation/rank_tests.py $(MUTATION_MODULES)
 	$(PY) tests/mutation/survivors_doc.py
