@@ -270,6 +270,8 @@ class SAdam(Optimizer):
             return False
         for group in self.param_groups:
             lr = group["lr"]
+            if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+                return False  # not this step: _check_grads names the bad lr
             if (float(lr.detach()) if isinstance(lr, torch.Tensor) else lr) != 0:
                 return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]

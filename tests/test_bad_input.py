@@ -368,11 +368,14 @@ def test_a_group_that_cannot_step_is_found_before_any_group_steps(backend, moved
     assert torch.equal(first.detach(), before) and not opt.state
 
 
-def test_tensor_hyperparameter_reshaped_after_construction_is_found_before_any_step():
+@pytest.mark.parametrize("lr, grad", [(1e-3, 1.0), (0.0, 0.0)], ids=["training", "zero-lr-and-grads"])
+def test_tensor_hyperparameter_reshaped_after_construction_is_found_before_any_step(lr, grad):
+    """Also on a first step with zero gradients and lr 0 (the form of the state-creating step
+    of torch.distributed.checkpoint), where reading lr as a number would fail first."""
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
-    opt = SAdam([{"params": [a]}, {"params": [b]}], backend="torch")
-    opt.param_groups[1]["lr"] = torch.tensor([1e-3, 1e-3])
-    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt = SAdam([{"params": [a]}, {"params": [b]}], lr=lr, backend="torch")
+    opt.param_groups[1]["lr"] = torch.tensor([lr, lr])
+    a.grad, b.grad = torch.full((2,), grad), torch.full((2,), grad)
     with pytest.raises(ValueError, match=r"\blr\b.*param group 1"):
         opt.step()
     assert torch.equal(a.detach(), torch.zeros(2)) and not opt.state
