@@ -124,3 +124,51 @@ def test_bf16_params_round_like_the_fp32_result():
                                    atol=0)
         mirror.data.copy_(p16.float())  # the next AdamW step starts from the rounded value
     assert opt.state[p16]["exp_avg"].dtype == torch.float32
+
+
+def test_step_returns_none_without_a_closure_and_the_closures_loss_with_one():
+    net, twin = _models()
+    ref = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    opt = SAdam(twin.parameters(), lr=1e-2, damping=0.0, backend="torch")
+    x = torch.randn(4, 13)
+    for model in (net, twin):
+        model(x).sum().backward()
+    assert ref.step() is None
+    assert opt.step() is None
+    for o, model in ((ref, net), (opt, twin)):
+        def closure(o=o, model=model):
+            o.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return loss
+        loss = o.step(closure)
+        assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    _assert_close(twin, net)
+
+
+def test_a_first_step_at_lr_0_from_zero_gradients_with_a_closure_is_a_step_like_adamws():
+    """Distributed checkpoint's state-creating step (lr 0, zero gradients) takes no closure; with
+    one it is training: the closure runs once, its loss comes back and the step counts."""
+    net, twin = _models()
+    ref = torch.optim.AdamW(net.parameters(), lr=0.0)
+    opt = SAdam(twin.parameters(), lr=0.0, backend="torch")
+    x = torch.randn(4, 13)
+    losses, calls = [], []
+    for o, model in ((ref, net), (opt, twin)):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+
+        def closure(o=o, model=model):
+            calls.append(o)
+            o.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            return loss
+        losses.append(o.step(closure))
+    assert calls == [ref, opt]
+    assert torch.equal(losses[1], losses[0])
+    for p, q in zip(twin.parameters(), net.parameters()):
+        a, b = ref.state[q], opt.state[p]
+        assert b["step"].item() == a["step"].item() == 1
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert _max_rel(b[key], a[key]) <= RTOL

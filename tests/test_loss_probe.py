@@ -352,8 +352,10 @@ def test_step_without_closure_raises():
     x = torch.nn.Parameter(torch.zeros(3))
     x.grad = torch.ones(3)
     opt = SAdam([x], probe="loss", backend="torch")
-    with pytest.raises(RuntimeError, match="closure"):
+    with pytest.raises(RuntimeError) as error:
         opt.step()
+    assert str(error.value) == ("SAdam with probe='loss' needs a closure: call optimizer.step(closure) "
+                                "with a closure that returns the loss")
     assert torch.equal(x.detach(), torch.zeros(3)) and not opt.state[x]
 
 
