@@ -172,3 +172,11 @@ def test_a_first_step_at_lr_0_from_zero_gradients_with_a_closure_is_a_step_like_
         assert b["step"].item() == a["step"].item() == 1
         for key in ("exp_avg", "exp_avg_sq"):
             assert _max_rel(b[key], a[key]) <= RTOL
+
+
+def test_the_arguments_adamw_also_takes_default_to_adamws_values():
+    """A drop-in swap keeps every AdamW argument it did not pass at AdamW's default."""
+    ours = SAdam([torch.nn.Parameter(torch.zeros(2))], backend="torch").defaults
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).defaults
+    shared = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "capturable")
+    assert {k: ours[k] for k in shared} == {k: theirs[k] for k in shared}

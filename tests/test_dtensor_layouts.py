@@ -158,3 +158,26 @@ def test_a_gradient_placed_unlike_its_parameter_is_named_before_any_change(singl
     assert str(error.value) == ("the gradient of parameter 0 of param group 0 has placements "
                                 "(Replicate(),), the parameter (Shard(dim=0),)")
     assert_unchanged(opt, [p], snap)
+
+
+LOSS_PROBE_REFUSED = ("probe='loss' does not support sharded (DTensor) parameters (each rank would "
+                      "probe its own loss); use probe='gradient'")
+
+
+def test_the_loss_probe_refuses_a_dtensor_parameter_at_construction_and_in_a_new_group(
+        single_rank_world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    mesh = init_device_mesh("cpu", (1,))
+    sharded = _dtensor(mesh, [Shard(0)], torch.randn(4, 3))
+    with pytest.raises(ValueError) as error:
+        SAdam([sharded], probe="loss", backend="torch")
+    assert str(error.value) == LOSS_PROBE_REFUSED
+    plain = torch.nn.Parameter(torch.randn(3))
+    opt = SAdam([plain], probe="loss", backend="torch")
+    with pytest.raises(ValueError) as error:
+        opt.add_param_group({"params": [sharded]})
+    assert str(error.value) == LOSS_PROBE_REFUSED
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [plain]
+    opt.add_param_group({"params": [sharded], "probe": "gradient"})  # the gradient probe takes it
+    assert opt.param_groups[1]["params"] == [sharded]
