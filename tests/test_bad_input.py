@@ -493,3 +493,20 @@ def test_a_kernel_backend_names_a_group_on_two_devices_before_anything_changes()
         "param group 0 has parameters on ['cpu', 'cuda:0']; backend 'cpu' runs one device per "
         "group: put each device's parameters in their own group, or use backend='torch'")
     assert_unchanged(opt, params, snap)
+
+
+def test_a_step_resolves_no_backend(monkeypatch):
+    """Backends are resolved when a group is added (a backend that cannot run fails there), so a
+    step, compiled or not, never runs the resolution."""
+    import sadam.backends
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    opt = SAdam(params, backend="torch")
+
+    def refuse(*args):
+        raise AssertionError(f"backend resolved during a step: {args}")
+    monkeypatch.setattr(sadam.backends, "resolve", refuse)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 2.0]

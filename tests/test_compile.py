@@ -81,13 +81,3 @@ def test_compiled_step_with_scheduler_wrapper_compiles_the_optimizer_frame_once(
     assert counter.frame_count == frames_after_warmup
     assert opt.state[next(model.parameters())]["step"] == STEPS + 3
 
-
-def test_a_step_resolves_no_backend(monkeypatch):
-    """Backends are resolved at construction, so a (compiled) step never runs the resolution."""
-    model, opt, sched, forward = _setup(compiled_model=False)
-
-    def refuse(*args):
-        raise AssertionError(f"backend resolved during a step: {args}")
-    monkeypatch.setattr(sadam.backends, "resolve", refuse)
-    _train(model, opt, sched, forward, opt.step)
-    assert all(float(s["step"]) == STEPS for s in opt.state.values())
