@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(wildcard csrc/* csrc/cpu/*)
 
-.PHONY: test test-oldest demo bench soak pss-demo build venv clean gpu-check mutation
+.PHONY: test test-oldest demo bench soak pss-demo build venv clean gpu-check gpu-mutants mutation
 
 venv: $(VENV)/.deps
 build: $(VENV)/.built
@@ -93,6 +93,7 @@ mutation: build
 	done
 	$(PY) tests/mutation/rank_tests.py $(MUTATION_MODULES)
 	$(PY) tests/mutation/survivors_doc.py
+	$(PY) tests/mutation/cuda_only.py export
 	$(PY) tests/mutation/score.py $(MUTATION_MODULES)
 
 pss-demo: build
@@ -103,3 +104,9 @@ pss-demo: build
 # bench/results/<GPU>-gpu-check.{json,md}. `python3 bench/gpu_check.py --dry-run` checks the plan.
 gpu-check:
 	python3 bench/gpu_check.py
+
+# On a machine with a CUDA GPU, after gpu-check has built the extension there: runs the GPU tests
+# named for each "CUDA only" survivor of the mutation run with that mutant applied to a private
+# copy, and writes bench/results/<GPU>-cuda-mutants.json (killed / survived / not run).
+gpu-mutants:
+	python3 tests/mutation/cuda_only.py check
