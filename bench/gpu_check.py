@@ -137,22 +137,31 @@ def stage_tests(budget):
     return summary
 
 
-def _junit_summary(path):
-    root = ET.parse(path).getroot()
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed, skipped = [], []
-    for case in root.iter("testcase"):
-        counts["tests"] += 1
-        name = f"{case.get('classname')}::{case.get('name')}"
-        for tag in ("failure", "error"):
+def junit_cases(path):
+    """(classname, name, {tag: message}) of each test case of a pytest junit file, for the tags
+    "failure", "error" and "skipped" it has (none: it passed)."""
+    for case in ET.parse(path).getroot().iter("testcase"):
+        found = {}
+        for tag in ("failure", "error", "skipped"):
             node = case.find(tag)
             if node is not None:
+                found[tag] = node.get("message") or ""
+        yield case.get("classname"), case.get("name"), found
+
+
+def _junit_summary(path):
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed, skipped = [], []
+    for classname, case_name, found in junit_cases(path):
+        counts["tests"] += 1
+        name = f"{classname}::{case_name}"
+        for tag in ("failure", "error"):
+            if tag in found:
                 counts["failures" if tag == "failure" else "errors"] += 1
-                failed.append({"test": name, "message": (node.get("message") or "")[:500]})
-        node = case.find("skipped")
-        if node is not None:
+                failed.append({"test": name, "message": found[tag][:500]})
+        if "skipped" in found:
             counts["skipped"] += 1
-            skipped.append({"test": name, "reason": (node.get("message") or "")[:200]})
+            skipped.append({"test": name, "reason": found["skipped"][:200]})
     return {"counts": counts, "failed": failed[:50], "skipped": skipped[:50]}
 
 

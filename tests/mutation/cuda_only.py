@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import doc_lines  # noqa: E402
 from survivors_doc import natural  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from gpu_check import device_slug, junit_cases  # noqa: E402
 
 DOC = ROOT / "docs" / "mutation-survivors.md"
 ENTRIES = ROOT / "tests" / "mutation" / "cuda_only.json"
@@ -194,15 +196,12 @@ def run_tests(copy, tests, timeout):
         return {}, "timeout", ""
     cases = {}
     if junit.exists():
-        for case in ET.parse(junit).getroot().iter("testcase"):
-            module = case.get("classname", "").replace(".", "/")
-            test_id = f"{module}.py::{case.get('name')}"
+        for classname, name, found in junit_cases(junit):
             outcome = "passed"
             for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    outcome = tag if tag != "skipped" else f"skipped: {node.get('message', '')}"
-            cases[test_id] = outcome
+                if tag in found:
+                    outcome = tag if tag != "skipped" else f"skipped: {found[tag]}"
+            cases[f"{(classname or '').replace('.', '/')}.py::{name}"] = outcome
     if not cases:
         cases = {" ".join(tests): f"error: pytest exited {proc.returncode} with no test run"}
     return cases, None, tail
@@ -234,8 +233,8 @@ def judge(entry, copy, baseline, timeout):
     seconds = round(time.monotonic() - start, 1)
     if timed_out:
         return {"verdict": "killed", "why": f"timeout after {timeout} s", "seconds": seconds}
-    failed = sorted(case for case, outcome in cases.items() if outcome in ("failure", "error")
-                    or outcome.startswith("error"))
+    failed = sorted(case for case, outcome in cases.items()
+                    if outcome == "failure" or outcome.startswith("error"))
     skipped = sorted(case for case, outcome in cases.items() if outcome.startswith("skipped"))
     if failed:
         return {"verdict": "killed", "why": "failed: " + ", ".join(failed), "seconds": seconds}
@@ -243,12 +242,6 @@ def judge(entry, copy, baseline, timeout):
         return {"verdict": "not run", "why": "skipped: " + ", ".join(skipped),
                 "seconds": seconds, "output_tail": tail}
     return {"verdict": "survived", "why": f"{len(cases)} tests passed", "seconds": seconds}
-
-
-def device_slug():
-    import torch
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no-gpu"
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
 
 
 def check(entries_path, out, workers, timeout, only):
