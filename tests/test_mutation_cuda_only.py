@@ -95,3 +95,22 @@ def test_check_kills_a_mutant_its_test_fails_keeps_one_it_passes_and_never_judge
         assert "skipped: needs a CUDA device" in report["mutants"]["skipped"]["why"]
     assert report["unmutated"][complex_test] == "passed"
     assert (ROOT / path).read_text() == source  # the mutants ran in a copy
+
+
+def test_a_teardown_error_after_a_skip_is_an_error_not_a_skip(tmp_path):
+    """junit records both in one case; the mutant broke something, so it must count as killed."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_case.py").write_text(
+        "import pytest\n\n"
+        "@pytest.fixture\n"
+        "def breaks_on_teardown():\n"
+        "    yield\n"
+        "    raise RuntimeError('teardown')\n\n"
+        "def test_skips(breaks_on_teardown):\n"
+        "    pytest.skip('skips here')\n\n"
+        "def test_only_skips():\n"
+        "    pytest.skip('skips here')\n")
+    cases, timed_out, _ = cuda_only.run_tests(tmp_path, ["tests/test_case.py"], timeout=120)
+    assert timed_out is None
+    assert cases == {"tests/test_case.py::test_skips": "error",
+                     "tests/test_case.py::test_only_skips": "skipped: skips here"}

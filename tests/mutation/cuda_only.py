@@ -197,14 +197,19 @@ def run_tests(copy, tests, timeout):
     cases = {}
     if junit.exists():
         for classname, name, found in junit_cases(junit):
-            outcome = "passed"
-            for tag in ("failure", "error", "skipped"):
-                if tag in found:
-                    outcome = tag if tag != "skipped" else f"skipped: {found[tag]}"
-            cases[f"{(classname or '').replace('.', '/')}.py::{name}"] = outcome
+            cases[f"{(classname or '').replace('.', '/')}.py::{name}"] = case_outcome(found)
     if not cases:
         cases = {" ".join(tests): f"error: pytest exited {proc.returncode} with no test run"}
     return cases, None, tail
+
+
+def case_outcome(found):
+    """A failure or an error outranks a skip: a case skipped in its call and failing in its
+    teardown has both, and a mutant that breaks the teardown is caught."""
+    for tag in ("failure", "error"):
+        if tag in found:
+            return tag
+    return f"skipped: {found['skipped']}" if "skipped" in found else "passed"
 
 
 def cases_of(test_id, cases):
