@@ -46,7 +46,9 @@ from _capture_case import (max_rel_error, small_model,  # noqa: E402  (needs the
 RESULTS = os.path.join(ROOT, "bench", "results")
 TOTAL_BUDGET_S = 470  # the whole run stays under 8 minutes on one H200
 GPU_BACKENDS = ("triton", "cuda")
-GPU_TESTS = ["tests/test_triton_backend.py", "tests/test_native_cuda.py"]
+# test_default_device.py: torch.set_default_device("cuda"), the common large-model setting
+GPU_TESTS = ["tests/test_triton_backend.py", "tests/test_native_cuda.py",
+             "tests/test_default_device.py"]
 
 
 class StageTimeout(Exception):

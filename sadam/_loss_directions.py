@@ -31,6 +31,7 @@ def gaussian_directions(p: torch.Tensor, probes: int, *, seed: int, group_index:
     """``(probes, numel)`` fp32 tensor on p's device: row i is probe i's unit direction."""
     key = probe_key(loss_probe_seed(seed, group_index), probing, tensor_index)
     generator = torch.Generator(device="cpu").manual_seed(int(key))
-    z = torch.randn(probes, p.numel(), generator=generator, dtype=torch.float32)
+    # device named: under torch.set_default_device the draw would leave the CPU generator
+    z = torch.randn(probes, p.numel(), generator=generator, dtype=torch.float32, device="cpu")
     norms = z.double().norm(dim=1, keepdim=True)  # float64 on the CPU: one value everywhere
     return z.div_(norms.float()).to(p.device, non_blocking=True)

@@ -55,7 +55,7 @@ class FlagMirror:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.cuda)
+        self.host = torch.zeros((), dtype=torch.bool, device="cpu", pin_memory=self.cuda)
         self.event = torch.cuda.Event() if self.cuda else None
 
     def publish(self, flag: torch.Tensor) -> None:

@@ -20,7 +20,7 @@ HERE = os.path.dirname(__file__)
 # interpreted launches without reaching new code (the functional matrix: its corners).
 SHARED_BODIES = ("test_oracles.py", "test_faults.py", "test_amp.py", "test_state_dict.py",
                  "test_soak.py", "test_loss_probe.py", "test_distributed.py",
-                 "test_backend_matrix.py", "test_probe_statistics.py")
+                 "test_backend_matrix.py", "test_probe_statistics.py", "test_default_device.py")
 SELECTION = ("triton and not (test_functional_matches_reference and not "
              "(p32-m32 or pbf16-mbf16 or p16-m32))")
 

@@ -69,7 +69,8 @@ _addresses = _BoundedCache(CACHE_SIZE)
 
 def _to_device(rows, dtype, device: torch.device) -> torch.Tensor:
     """Host list -> device tensor without a host sync (pinned staging on CUDA)."""
-    host = torch.tensor(rows, dtype=dtype, pin_memory=device.type == "cuda")
+    # the staging tensor is the host's whatever torch.set_default_device says
+    host = torch.tensor(rows, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
     return host.to(device, non_blocking=True)
 
 

@@ -45,7 +45,8 @@ def _hyper(step: GroupStep, device) -> torch.Tensor:
     values = (step.lr, step.beta1, step.beta2, step.weight_decay, step.damping)
     device = torch.device(device)
     if device.type == "cpu" or not any(_is_device_value(v) for v in values):
-        return torch.tensor([float(v) for v in values], dtype=torch.float64)
+        # on the CPU whatever torch.set_default_device says: the kernels read it on the host
+        return torch.tensor([float(v) for v in values], dtype=torch.float64, device="cpu")
     return torch.stack([
         v.to(device=device, dtype=torch.float64).reshape(()) if _is_device_value(v)
         else torch.full((), float(v), dtype=torch.float64, device=device)

@@ -104,7 +104,7 @@ def any_nonzero(tensors) -> bool:
     """Whether any element of ``tensors`` is nonzero, agreed by every rank of the DTensors'
     meshes (so that all ranks take the same branch around a collective)."""
     local = to_local(tensors)
-    flag = torch.tensor(float(any(bool(t.any()) for t in local if t.numel())))
+    flag = torch.tensor(float(any(bool(t.any()) for t in local if t.numel())), device="cpu")
     meshes = {t.device_mesh for t in tensors if is_dtensor(t)}
     for mesh in meshes:
         flag = flag.to(mesh.device_type)
