@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import doc_lines  # noqa: E402
-from survivors_doc import natural  # noqa: E402
+from survivors_doc import changed_lines, natural  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from gpu_check import device_slug, junit_cases  # noqa: E402
@@ -139,12 +139,6 @@ def mutated_source(name):
     mutant = pair[1] if pair else read_mutant_function(read_mutants_module(path), name)
     mutant = mutant.with_changes(name=cst.Name(function), leading_lines=original.leading_lines)
     return path, original_text, module.deep_replace(original, mutant).code
-
-
-def changed_lines(patch):
-    """The removed and added lines of a diff, without indentation: what a mutation changed."""
-    return [line[0] + line[1:].strip() for line in patch.splitlines()
-            if line[:1] in "-+" and not line.startswith(("---", "+++"))]
 
 
 def export(out=ENTRIES):

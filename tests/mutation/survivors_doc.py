@@ -7,6 +7,13 @@ run); one the doc does not know yet goes under "Not resolved" as not classified,
 for a person to kill with a test or explain. Mutants that are now killed drop out, except the ones
 the multi-process tests killed, which are listed with the test that did it. A line under "Killed
 by tests added after the measured run" whose mutant mutmut now reports killed drops out as well.
+
+A reason is kept by the mutant's name, and mutmut numbers a function's mutants in order: an edit
+of the function renumbers every mutant after it, so a kept reason could land on another mutation.
+``tests/mutation/survivor_mutations.json`` records, for each line under "Equivalent" and "CUDA
+only", the reason and the lines its mutant changes; a line whose reason is unchanged but whose
+mutant now changes other lines goes to "Not resolved", to be rechecked. A person who rewrites or
+moves a reason takes it on anew: its mutation is recorded again.
 """
 import json
 import re
@@ -17,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score import DOC, RANK_VERDICTS, doc_lines, module_of, mutant_results  # noqa: E402
 
+MUTATIONS = Path("tests/mutation/survivor_mutations.json")
+CHECKED = ("Equivalent", "CUDA only")  # the sections score.py accepts, checked against MUTATIONS
 # Sections a person writes; the generated ones are rebuilt from the run.
 KEPT = ("Equivalent", "CUDA only", "Killed by tests added after the measured run", "Not resolved")
 RANKS_KILLED = "Killed by the multi-process tests"
@@ -40,10 +49,52 @@ def natural(name):
     return function, int(number)
 
 
+def changed_lines(patch):
+    """The removed and added lines of a diff, without indentation: what a mutation changed."""
+    return [line[0] + line[1:].strip() for line in patch.splitlines()
+            if line[:1] in "-+" and not line.startswith(("---", "+++"))]
+
+
+def current_mutation(name):
+    """The lines mutant ``name`` changes in today's source (mutants/), or None if unknown."""
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    try:
+        return changed_lines(get_diff_for_mutant(name))
+    except Exception:  # noqa: BLE001 - a name mutmut no longer generates
+        return None
+
+
+def moved(reason, recorded, mutation):
+    """Whether a kept ``reason`` was written for another mutation than the mutant's today's:
+    the same reason recorded for different changed lines. A reworded reason is a person's."""
+    return (recorded is not None and mutation is not None and recorded["reason"] == reason
+            and recorded["mutation"] != mutation)
+
+
+def keep(name, section, reason, recorded, mutation_of, sections, mutations):
+    """Put a kept line in its section, or under "Not resolved" when its mutant has moved."""
+    if section not in CHECKED:
+        sections[section].append(f"- `{name}`: {reason}")
+        return
+    mutation = mutation_of(name)
+    if moved(reason, recorded.get(name), mutation):
+        sections["Not resolved"].append(
+            f"- `{name}`: recheck: the reason below was written for the mutation "
+            f"`{' / '.join(recorded[name]['mutation'])}`, and this mutant is now "
+            f"`{' / '.join(mutation)}` (an edit renumbered the function's mutants); it read: "
+            f"{section}: {reason}")
+        return
+    sections[section].append(f"- `{name}`: {reason}")
+    mutations[name] = {"reason": reason, "mutation": mutation if mutation is not None
+                       else recorded.get(name, {}).get("mutation")}
+
+
 def main():
     preamble, lines = doc_lines(DOC.read_text())
     known = {name: line for name, line in lines.items() if line[0] in KEPT}
     ranks = json.loads(RANK_VERDICTS.read_text()) if RANK_VERDICTS.exists() else {}
+    recorded = json.loads(MUTATIONS.read_text()) if MUTATIONS.exists() else {}
+    mutations = {}
     sections = {name: [] for name in (*KEPT, RANKS_KILLED)}
     no_tests = Counter()
     for name, status in sorted(mutant_results(), key=lambda item: natural(item[0])):
@@ -51,7 +102,7 @@ def main():
             # not run this time (MUTATION_MODULES, a stopped run): its line stays as written
             section, reason = lines[name]
             if section in sections:
-                sections[section].append(f"- `{name}`: {reason}")
+                keep(name, section, reason, recorded, current_mutation, sections, mutations)
             continue
         if status not in ("survived", "no tests"):
             continue
@@ -60,7 +111,7 @@ def main():
             sections[RANKS_KILLED].append(f"- `{name}`: killed by {' '.join(verdict['tests'])}")
         elif name in known:
             section, reason = known[name]
-            sections[section].append(f"- `{name}`: {reason}")
+            keep(name, section, reason, recorded, current_mutation, sections, mutations)
         elif status == "no tests":
             no_tests[natural(name)[0]] += 1
         else:
@@ -74,6 +125,8 @@ def main():
         f"- `{function}`: {count} mutants" for function, count in sorted(no_tests.items()))
         if no_tests else f"## {NO_TESTS}\n\nNone.")
     DOC.write_text("\n\n".join(parts) + "\n")
+    MUTATIONS.write_text(json.dumps(dict(sorted(mutations.items(), key=lambda kv: natural(kv[0]))),
+                                    indent=1, ensure_ascii=False) + "\n")
     print_counts(sections, no_tests)
 
 
