@@ -53,9 +53,9 @@ def _train(backend, config, default):
         opt = sadam.SAdam([w, b], **{"lr": 1e-2, "backend": backend, **config})
         for step in range(4):
             def closure(backward=True):
-                opt.zero_grad()
                 loss = ((x @ w + b).relu() - 0.5).abs().sum() * (4.0 if amp else 1.0)
-                if backward:
+                if backward:  # a probe evaluation (backward=False) leaves the gradients alone
+                    opt.zero_grad()
                     loss.backward()
                 return loss
             if config.get("probe") == "loss":
@@ -73,6 +73,9 @@ def _train(backend, config, default):
         again.load_state_dict(saved)
         values = [w.detach(), b.detach(), *opt.lgi(), *opt.damping_factors(), *again.lgi()]
         values += [v for p in (w, b) for v in again.state[p].values()]
+    # the run stepped: the weights moved and every parameter has its moments
+    assert not torch.equal(w.detach(), w0)
+    assert all({"step", "exp_avg", "exp_avg_sq"} <= again.state[p].keys() for p in (w, b))
     return [v.cpu().clone() for v in values]
 
 
